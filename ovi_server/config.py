@@ -1,0 +1,217 @@
+"""Typed, frozen configuration: one `OviConfig` per model variant, read from `configs/<name>.json`.
+
+Field names of `DiTConfig` are the ones of the reference's `ovi/configs/model/dit/{video,audio}.json`
+so a config file can be checked against the reference by eye.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ovi_server.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """One Wan2.2-style DiT tower (video: model_type ti2v, audio: model_type t2a)."""
+
+    model_type: Literal["ti2v", "t2a"]
+    patch_size: tuple[int, ...]
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int
+    out_dim: int
+    freq_dim: int = 256
+    text_len: int = 512
+    text_dim: int = 4096
+    window_size: tuple[int, int] = (-1, -1)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    temporal_rope_scaling_factor: float = 1.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def is_audio(self) -> bool:
+        return self.model_type == "t2a"
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """umt5 encoder; names follow the reference's `T5Encoder` arguments."""
+
+    vocab_size: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    relative_max_distance: int = 128
+    eps: float = 1e-6
+    text_len: int = 512
+
+
+@dataclass(frozen=True)
+class VideoVAEConfig:
+    """Wan2.2 VAE (z_dim 48, 16x spatial, 4x temporal)."""
+
+    dim: int = 160
+    dec_dim: int = 256
+    z_dim: int = 48
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+@dataclass(frozen=True)
+class AudioVAEConfig:
+    """MMAudio 16 kHz VAE ("v1-16")."""
+
+    data_dim: int = 80
+    embed_dim: int = 20
+    hidden_dim: int = 384
+    ch_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    """BigVGAN v1 vocoder, 16 kHz, 80 mels."""
+
+    num_mels: int = 80
+    upsample_rates: tuple[int, ...] = (4, 4, 2, 2, 2, 2)
+    upsample_kernel_sizes: tuple[int, ...] = (8, 8, 4, 4, 4, 4)
+    upsample_initial_channel: int = 1536
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Defaults of the reference's `inference_fusion.yaml`; a request may override each."""
+
+    solver: Literal["unipc", "dpm++", "euler"] = "unipc"
+    steps: int = 50
+    shift: float = 5.0
+    video_guidance_scale: float = 4.0
+    audio_guidance_scale: float = 3.0
+    slg_layer: int = 11
+    video_negative_prompt: str = "jitter, bad hands, blur, distortion"
+    audio_negative_prompt: str = "robotic, muffled, echo, distorted"
+
+
+@dataclass(frozen=True)
+class OviConfig:
+    """Everything that defines one model variant (720x720_5s, 960x960_5s, 960x960_10s, tiny)."""
+
+    name: str
+    video: DiTConfig
+    audio: DiTConfig
+    text_encoder: T5Config
+    video_vae: VideoVAEConfig
+    audio_vae: AudioVAEConfig
+    vocoder: VocoderConfig
+    sampling: SamplingDefaults
+    # Paths relative to the weights directory; layout of the reference's download_weights.py.
+    checkpoint: str
+    fp8_checkpoint: str | None
+    video_area: int
+    video_latent_length: int
+    audio_latent_length: int
+    # How the variant wants the audio caption written: "<AUDCAP>..<ENDAUDCAP>" or "Audio: ..."
+    prompt_style: Literal["audcap", "audio_colon"]
+    fps: int = 24
+    audio_sample_rate: int = 16000
+    # Only for configs without checkpoints (tiny): random weights are drawn from this seed.
+    random_weights_seed: int | None = None
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def video_frames(self) -> int:
+        return 1 + 4 * (self.video_latent_length - 1)
+
+    @property
+    def duration_s(self) -> float:
+        return self.video_frames / self.fps
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Dataclass from a dict, turning lists into tuples and naming unknown keys."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def dit_config(data: dict[str, Any], where: str = "dit config") -> DiTConfig:
+    return _build(DiTConfig, data, where)
+
+
+def ovi_config_from_dict(data: dict[str, Any], where: str) -> OviConfig:
+    data = dict(data)
+    sub = {
+        "video": DiTConfig,
+        "audio": DiTConfig,
+        "text_encoder": T5Config,
+        "video_vae": VideoVAEConfig,
+        "audio_vae": AudioVAEConfig,
+        "vocoder": VocoderConfig,
+        "sampling": SamplingDefaults,
+    }
+    for key, cls in sub.items():
+        data[key] = _build(cls, data.get(key, {}), f"{where}:{key}")
+    return _build(OviConfig, data, where)
+
+
+def load_variant(name_or_path: str) -> OviConfig:
+    """A variant by name (`configs/<name>.json`) or by path to a JSON file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"no config for variant {name_or_path!r}; known variants: {', '.join(variant_names())}"
+        )
+    return ovi_config_from_dict(json.loads(path.read_text()), str(path))
+
+
+def variant_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the server or the CLI runs the model; built once by cli.py and passed down."""
+
+    variant: str = "tiny"
+    weights_dir: Path | None = (
+        None  # None: random weights (only allowed for variants with random_weights_seed)
+    )
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    attention: str = "native"  # a diffusers attention backend name
+    offload: Literal["none", "model", "block"] = "none"
+    fp8: bool = False  # load the fp8 checkpoint and keep Linear weights in fp8 (low-VRAM mode)
+    compile: bool = False  # torch.compile the fusion blocks

@@ -1,0 +1,55 @@
+"""Where and in which precision the models run, decided once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ovi_server.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype  # bf16 on GPU, fp32 on CPU and in tests
+    offload: Literal["none", "model", "block"] = "none"
+    attention: str = "native"  # a diffusers attention backend name; checked at start-up
+    fp8_storage: bool = False  # keep Linear weights as float8_e4m3fn, upcast per layer (low-VRAM mode)
+
+
+CPU_FP32 = Placement(torch.device("cpu"), torch.float32)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_placement(
+    device: str = "auto",
+    dtype: str = "auto",
+    offload: Literal["none", "model", "block"] = "none",
+    attention: str = "native",
+    fp8_storage: bool = False,
+) -> Placement:
+    """The only place that asks torch which devices exist."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} requested but CUDA is not available on this host; use --device cpu"
+        )
+    if dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in _DTYPES:
+        dt = _DTYPES[dtype]
+    else:
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
+    return Placement(dev, dt, offload, attention, fp8_storage)

@@ -1,0 +1,31 @@
+"""The few exception types; each says what was wrong, what was expected and what to do."""
+
+from __future__ import annotations
+
+
+class OviError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(OviError):
+    """A config file or option is malformed."""
+
+
+class InvalidInput(OviError):
+    """A request value is wrong; the API turns it into a 422 with loc ["body", field]."""
+
+    def __init__(self, field: str, msg: str, kind: str = "value_error"):
+        super().__init__(f"{field}: {msg}")
+        self.field, self.msg, self.kind = field, msg, kind
+
+
+class WeightsError(OviError):
+    """A checkpoint is missing, unreadable or does not match the model."""
+
+
+class JobNotFound(OviError):
+    """No job with that id (404)."""
+
+
+class Cancelled(OviError):
+    """Raised from a step callback: the job ends cancelled, not failed."""

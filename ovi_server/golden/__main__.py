@@ -1,0 +1,73 @@
+"""`python -m ovi_server.golden check DIR [--component NAME ...]`"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from ovi_server.golden.cases import CaseResult, components_in, load_cases
+
+# component folder -> module with `run_case(case) -> CaseResult`
+RUNNERS = {
+    "fusion": "ovi_server.golden.run_fusion",
+    "sampler": "ovi_server.golden.run_sampler",
+    "loop": "ovi_server.golden.run_loop",
+    "prompt": "ovi_server.golden.run_prompt",
+    "t5": "ovi_server.golden.run_t5",
+    "wan_vae": "ovi_server.golden.run_wan_vae",
+    "mmaudio": "ovi_server.golden.run_mmaudio",
+}
+
+
+def check(root: Path, components: list[str] | None, out=sys.stdout) -> tuple[int, int]:
+    """Runs every case of the components; prints one line per case. Returns (passed, failed)."""
+    torch.set_grad_enabled(False)
+    wanted = components or components_in(root)
+    passed = failed = 0
+    for component in wanted:
+        results: list[CaseResult] = []
+        if not (root / component / "manifest.json").is_file():
+            results.append(
+                CaseResult(component, "*", False, float("inf"), f"no {root / component}/manifest.json")
+            )
+        elif component not in RUNNERS:
+            results.append(CaseResult(component, "*", False, float("inf"), "no runner for this component"))
+        else:
+            runner = importlib.import_module(RUNNERS[component])
+            for case in load_cases(root, component):
+                try:
+                    results.append(runner.run_case(case))
+                except Exception as exc:  # a crash is a failed case, reported with its cause
+                    detail = f"error: {type(exc).__name__}: {exc}"
+                    traceback.print_exc(file=sys.stderr)
+                    results.append(CaseResult(component, case.name, False, float("inf"), detail))
+        for result in results:
+            print(result.line(), file=out, flush=True)
+            passed += result.passed
+            failed += not result.passed
+    return passed, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ovi_server.golden")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chk = sub.add_parser("check", help="run golden cases and compare with the manifest tolerances")
+    chk.add_argument("dir", type=Path)
+    chk.add_argument("--component", nargs="+", help="only these component folders (default: all in DIR)")
+    args = parser.parse_args(argv)
+    if not args.dir.is_dir():
+        print(f"error: {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    passed, failed = check(args.dir, args.component)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed or passed == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pixels and samples: VAEs, vocoder, image input and MP4 muxing."""

@@ -1,0 +1,188 @@
+"""Checkpoint loading: build on the meta device, read tensors memory-mapped, remap, assign strictly.
+
+Peak host memory stays near one copy of the checkpoint: safetensors files are opened with
+`safe_open` (mmap) and `.pth` files with `torch.load(mmap=True)`, and each tensor is converted
+(dtype, device) on its own just before it is assigned, so no second full state dict is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from ovi_server.engine.device import Placement
+from ovi_server.errors import WeightsError
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class LazyStateDict(Mapping[str, Tensor]):
+    """A read-only state dict whose tensors are materialised (memory-mapped) when indexed."""
+
+    def __init__(self, path: Path, keys: list[str], get: Callable[[str], Tensor]):
+        self.path, self._keys, self._get = path, keys, get
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keyset:
+            raise KeyError(key)
+        return self._get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def _keyset(self) -> set[str]:
+        if not hasattr(self, "_ks"):
+            self._ks = set(self._keys)
+        return self._ks
+
+
+def read_state_dict(path: str | Path, subkey: str | None = None) -> Mapping[str, Tensor]:
+    """Tensors of a `.safetensors`, `.pth` or `.pt` file, memory-mapped.
+
+    Args:
+        subkey: for `.pth` files holding `{subkey: state_dict}` (BigVGAN's `best_netG.pt` uses
+            "generator"); for safetensors files the same nesting is spelled as a `subkey.` prefix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found; see weights/README.md for the expected layout")
+    try:
+        if path.suffix == ".safetensors":
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(handle.keys())
+            prefix = f"{subkey}." if subkey and any(k.startswith(f"{subkey}.") for k in keys) else ""
+            names = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+            return LazyStateDict(path, names, lambda k: handle.get_tensor(prefix + k))
+        obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except WeightsError:
+        raise
+    except Exception as exc:
+        raise WeightsError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from exc
+    if subkey is not None and isinstance(obj, Mapping) and subkey in obj:
+        obj = obj[subkey]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    return dict(obj)
+
+
+@contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules without allocating their parameters."""
+    with torch.device("meta"):
+        yield
+
+
+def check_keys(path: Path | str, expected: set[str], found: set[str], what: str) -> None:
+    """Strict: one error naming the file and the first missing / unexpected keys."""
+    missing = sorted(expected - found)
+    unexpected = sorted(found - expected)
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} keys missing for {what} (first: {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+    raise WeightsError(
+        f"{path}: {'; '.join(parts)}. Is this the checkpoint of the configured variant? "
+        "Check --variant and the files under --weights (weights/README.md lists them)."
+    )
+
+
+def load_module(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    placement: Placement,
+    *,
+    path: Path | str,
+    what: str,
+    keep_fp8: bool = False,
+    fp32_params: tuple[str, ...] = (),
+) -> nn.Module:
+    """Assigns `state_dict` to a (meta) module strictly, converting tensor by tensor.
+
+    Args:
+        keep_fp8: leave float8 tensors in float8 (low-VRAM storage); otherwise upcast to the compute dtype.
+        fp32_params: name fragments of parameters kept in float32 whatever the placement dtype.
+    """
+    own = module.state_dict(keep_vars=True)
+    check_keys(path, set(own), set(state_dict), what)
+    converted: dict[str, Tensor] = {}
+    for name, target in own.items():
+        tensor = state_dict[name]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise WeightsError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the {what} config expects {tuple(target.shape)}; "
+                "is this the checkpoint of the configured variant?"
+            )
+        dtype = tensor.dtype
+        if tensor.is_floating_point():
+            if dtype in FP8_DTYPES and keep_fp8:
+                pass
+            elif any(part in name for part in fp32_params):
+                dtype = torch.float32
+            else:
+                dtype = placement.dtype
+        converted[name] = tensor.to(device=placement.device, dtype=dtype)
+    module.load_state_dict(converted, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def load_checkpoint(
+    module: nn.Module,
+    path: str | Path,
+    placement: Placement,
+    *,
+    what: str,
+    remap: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    subkey: str | None = None,
+    keep_fp8: bool = False,
+    fp32_params: tuple[str, ...] = (),
+) -> nn.Module:
+    """read_state_dict + optional key remap + load_module, logging what was loaded."""
+    state_dict = read_state_dict(path, subkey)
+    if remap is not None:
+        state_dict = remap(dict(state_dict))
+    load_module(
+        module, state_dict, placement, path=path, what=what, keep_fp8=keep_fp8, fp32_params=fp32_params
+    )
+    logger.info(
+        "loaded %s from %s (%d tensors) on %s as %s",
+        what,
+        path,
+        len(state_dict),
+        placement.device,
+        str(placement.dtype).removeprefix("torch."),
+    )
+    return module
+
+
+def init_random_(module: nn.Module, placement: Placement, seed: int) -> nn.Module:
+    """Materialises a meta module with random weights (tiny demo model, benchmarks): N(0, 0.02), norms 1."""
+    generator = torch.Generator().manual_seed(seed)
+    module.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if "norm" in name and leaf in ("weight", "gamma"):
+                param.fill_(1.0)
+            elif leaf == "bias":
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        for _, buf in module.named_buffers():
+            if buf.is_floating_point():
+                buf.zero_()
+    return module.to(device=placement.device, dtype=placement.dtype).eval().requires_grad_(False)
