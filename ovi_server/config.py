@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,25 +78,55 @@ class VideoVAEConfig:
 
 @dataclass(frozen=True)
 class AudioVAEConfig:
-    """MMAudio 16 kHz VAE ("v1-16")."""
+    """MMAudio 16 kHz VAE ("v1-16") and the mel front-end it was trained on.
 
-    data_dim: int = 80
-    embed_dim: int = 20
+    Names follow the reference's `Encoder1D` / `Decoder1D` arguments and its 16k mel converter.
+    """
+
+    data_dim: int = 80  # mel bands
+    embed_dim: int = 20  # latent channels
     hidden_dim: int = 384
     ch_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = 2
+    down_layers: tuple[int, ...] = (0,)  # encoder levels followed by a 2x time downsample
+    kernel_size: int = 3
+    clip_act: float = 256.0
+    mp_sum_t: float = 0.3
+    mp_silu_div: float = 0.596
+    weight_norm_eps: float = 1e-4  # the eps of the reference's normalize(): weights and pixel norm
+    # Mel front-end (encode only; Ovi decodes): STFT without centering after a reflect pad of
+    # (n_fft - hop_size) / 2 samples per side, slaney mel filters, log10.
+    sampling_rate: int = 16000
+    n_fft: int = 1024
+    hop_size: int = 256
+    win_size: int = 1024
+    fmin: float = 0.0
+    fmax: float = 8000.0
+
+    @property
+    def temporal_upsampling(self) -> int:
+        """Mel frames per latent step."""
+        return 2 ** len(self.down_layers)
 
 
 @dataclass(frozen=True)
 class VocoderConfig:
-    """BigVGAN v1 vocoder, 16 kHz, 80 mels."""
+    """BigVGAN v1 vocoder, 16 kHz, 80 mels; names follow the reference's `bigvgan_vocoder.yml`."""
 
     num_mels: int = 80
     upsample_rates: tuple[int, ...] = (4, 4, 2, 2, 2, 2)
     upsample_kernel_sizes: tuple[int, ...] = (8, 8, 4, 4, 4, 4)
     upsample_initial_channel: int = 1536
+    resblock: Literal["1", "2"] = "1"
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
     resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    activation: Literal["snake", "snakebeta"] = "snakebeta"
+    snake_logscale: bool = True
+
+    @property
+    def hop_size(self) -> int:
+        """Waveform samples per mel frame."""
+        return math.prod(self.upsample_rates)
 
 
 @dataclass(frozen=True)
