@@ -1,0 +1,133 @@
+"""The joint denoising loop: guidance, solver steps, i2v conditioning, seeded noise."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ovi_server.engine.solvers import Solver, make_solver
+from ovi_server.models.fusion import OviFusion
+
+# on_step(done, total): progress after each step; may raise errors.Cancelled to stop between steps.
+StepCallback = Callable[[int, int], None]
+
+
+def ignore_step(done: int, total: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Latents:
+    video: Tensor  # [48, F, H/16, W/16]
+    audio: Tensor  # [L, 20]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text contexts [L_i, text_dim] (the positive one feeds both towers) and the i2v first frame."""
+
+    positive: Tensor
+    video_negative: Tensor
+    audio_negative: Tensor
+    image_latent: Tensor | None = None  # [48, 1, H/16, W/16], normalised; None for t2v
+
+
+@dataclass(frozen=True)
+class Guidance:
+    video_scale: float = 4.0
+    audio_scale: float = 3.0
+    slg_layer: int = 11  # block skipped in the negative pass; 0 disables skip-layer guidance
+
+
+@dataclass
+class SamplingPlan:
+    video_solver: Solver
+    audio_solver: Solver
+    guidance: Guidance
+
+    @property
+    def timesteps(self) -> Tensor:
+        return self.video_solver.timesteps
+
+
+def make_plan(
+    solver: str, steps: int, shift: float, guidance: Guidance, device: torch.device
+) -> SamplingPlan:
+    """Each modality gets its own solver instance (multistep solvers keep history)."""
+    return SamplingPlan(
+        make_solver(solver, steps, shift, device), make_solver(solver, steps, shift, device), guidance
+    )
+
+
+def initial_noise(
+    video_shape: tuple[int, ...],
+    audio_shape: tuple[int, ...],
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Latents:
+    """Noise as the reference draws it: video from a generator seeded with `seed` on `device`, then audio
+    from a second, freshly seeded generator with the same seed, so a seed reproduces the reference's
+    latents on the same device type."""
+    video = torch.randn(
+        video_shape, generator=torch.Generator(device).manual_seed(seed), dtype=dtype, device=device
+    )
+    audio = torch.randn(
+        audio_shape, generator=torch.Generator(device).manual_seed(seed), dtype=dtype, device=device
+    )
+    return Latents(video, audio)
+
+
+def cfg(negative: Tensor, positive: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance: neg + scale * (pos - neg)."""
+    return negative + scale * (positive - negative)
+
+
+def guided_predict(
+    model: OviFusion, x: Latents, t: Tensor, cond: Conditioning, guidance: Guidance
+) -> tuple[Tensor, Tensor]:
+    """Positive pass (full model) and negative pass (negative prompts, skip-layer guidance), then CFG."""
+    i2v = cond.image_latent is not None
+    t = t.reshape(1)
+    video_pos, audio_pos = model(
+        [x.video], [x.audio], t, [cond.positive], [cond.positive], first_frame_is_clean=i2v
+    )
+    video_neg, audio_neg = model(
+        [x.video],
+        [x.audio],
+        t,
+        [cond.video_negative],
+        [cond.audio_negative],
+        first_frame_is_clean=i2v,
+        slg_layer=guidance.slg_layer,
+    )
+    return (
+        cfg(video_neg[0], video_pos[0], guidance.video_scale),
+        cfg(audio_neg[0], audio_pos[0], guidance.audio_scale),
+    )
+
+
+def with_first_frame(video: Tensor, image_latent: Tensor | None) -> Tensor:
+    """i2v: the first latent frame is the encoded image, clean, before every step and at the end."""
+    if image_latent is None:
+        return video
+    return torch.cat([image_latent.to(video.dtype), video[:, 1:]], dim=1)
+
+
+@torch.inference_mode()
+def denoise(
+    model: OviFusion, x: Latents, cond: Conditioning, plan: SamplingPlan, on_step: StepCallback = ignore_step
+) -> Latents:
+    total = len(plan.timesteps)
+    for i, t in enumerate(plan.timesteps):
+        x = Latents(with_first_frame(x.video, cond.image_latent), x.audio)
+        video_pred, audio_pred = guided_predict(model, x, t, cond, plan.guidance)
+        x = Latents(
+            video=plan.video_solver.step(video_pred, t, x.video),
+            audio=plan.audio_solver.step(audio_pred, t, x.audio),
+        )
+        on_step(i + 1, total)
+    return Latents(with_first_frame(x.video, cond.image_latent), x.audio)

@@ -1,0 +1,123 @@
+"""OviFusion: the video and audio towers run block by block with bidirectional cross-modal attention.
+
+A diffusers `ModelMixin`/`ConfigMixin` (like diffusers' joint audio-video LTX2 transformer), so
+diffusers' tooling applies unchanged: `set_attention_backend`, `apply_group_offloading`,
+`enable_layerwise_casting`, `compile_repeated_blocks`. Keys equal `Ovi/model.safetensors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor
+
+from ovi_server.config import DiTConfig, dit_config
+from ovi_server.engine.device import Placement
+from ovi_server.models.loading import load_checkpoint, meta_device
+from ovi_server.models.wan_dit import Tokens, WanDiT
+
+# Called after each executed fusion block with (index, video tokens, audio tokens); golden checks use it.
+BlockObserver = Callable[[int, Tokens, Tokens], None]
+
+
+class OviFusion(ModelMixin, ConfigMixin):
+    _no_split_modules = ["WanBlock"]
+    _repeated_blocks = ["WanBlock"]
+    # Kept in the compute dtype when Linear weights are stored in fp8 (enable_layerwise_casting).
+    _skip_layerwise_casting_patterns = [
+        "patch_embedding",
+        "time_embedding",
+        "time_projection",
+        "norm",
+        "head",
+    ]
+
+    @register_to_config
+    def __init__(self, video: dict[str, Any], audio: dict[str, Any]):
+        super().__init__()
+        video_cfg, audio_cfg = dit_config(video, "video tower"), dit_config(audio, "audio tower")
+        if video_cfg.num_layers != audio_cfg.num_layers:
+            raise ValueError("the video and audio towers must have the same number of blocks")
+        self.video_model = WanDiT(video_cfg)
+        self.audio_model = WanDiT(audio_cfg)
+
+    @classmethod
+    def from_configs(cls, video: DiTConfig, audio: DiTConfig) -> OviFusion:
+        return cls(video=_jsonable(video), audio=_jsonable(audio))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.video_model.blocks)
+
+    def forward(
+        self,
+        video: Sequence[Tensor],
+        audio: Sequence[Tensor],
+        t: Tensor,
+        video_context: Sequence[Tensor],
+        audio_context: Sequence[Tensor],
+        video_seq_len: int | None = None,
+        audio_seq_len: int | None = None,
+        first_frame_is_clean: bool = False,
+        slg_layer: int = 0,
+        observer: BlockObserver | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Velocity predictions for a batch of (video, audio) latents.
+
+        Args:
+            video: per item [48, F, H, W] latents; audio: per item [L, 20] latents.
+            t: [B] timesteps, shared by both towers.
+            video_context / audio_context: per item text embeddings [L_i, text_dim].
+            first_frame_is_clean: i2v; the first latent frame's video tokens get t = 0.
+            slg_layer: skip-layer guidance; block `slg_layer` of both towers is skipped when > 0.
+        Returns:
+            per item video [48, F, H, W] and audio [L, 20] predictions.
+        """
+        v = self.video_model.embed(video, t, video_context, video_seq_len, first_frame_is_clean)
+        a = self.audio_model.embed(audio, t, audio_context, audio_seq_len)
+        for i in range(self.num_blocks):
+            if slg_layer > 0 and i == slg_layer:
+                continue
+            v, a = self.fusion_block(i, v, a)
+            if observer is not None:
+                observer(i, v, a)
+        return self.video_model.unembed(v), self.audio_model.unembed(a)
+
+    def fusion_block(self, i: int, v: Tokens, a: Tokens) -> tuple[Tokens, Tokens]:
+        """One fusion block: both self-attentions, then audio attends to the updated video tokens and
+        video attends to the audio tokens from before audio's cross-attention (the reference's order)."""
+        video_block, audio_block = self.video_model.blocks[i], self.audio_model.blocks[i]
+        # 1. self-attention, audio then video
+        a = _replace_x(a, audio_block(a, "self"))
+        v = _replace_x(v, video_block(v, "self"))
+        # 2. text + cross-modal attention and FFN; video sees audio as it was before this step
+        a_next = _replace_x(a, audio_block(a, "cross", target=v))
+        v = _replace_x(v, video_block(v, "cross", target=a))
+        return v, a_next
+
+
+def _replace_x(tokens: Tokens, x: Tensor) -> Tokens:
+    return Tokens(x, tokens.e, tokens.e0, tokens.context, tokens.seq_lens, tokens.grids, tokens.rope)
+
+
+def _jsonable(cfg: DiTConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def build_fusion(video: DiTConfig, audio: DiTConfig) -> OviFusion:
+    """The model on the meta device: no memory until weights are assigned."""
+    with meta_device():
+        return OviFusion.from_configs(video, audio)
+
+
+def load_fusion(
+    path: str | Path, video: DiTConfig, audio: DiTConfig, placement: Placement, keep_fp8: bool = False
+) -> OviFusion:
+    """Loads `Ovi/model*.safetensors` (bf16, or fp8 e4m3fn) strictly into a meta-built model."""
+    model = build_fusion(video, audio)
+    return load_checkpoint(model, path, placement, what="fusion model", keep_fp8=keep_fp8)
