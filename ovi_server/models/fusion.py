@@ -7,12 +7,15 @@ diffusers' tooling applies unchanged: `set_attention_backend`, `apply_group_offl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
 
@@ -118,6 +121,26 @@ def build_fusion(video: DiTConfig, audio: DiTConfig) -> OviFusion:
 def load_fusion(
     path: str | Path, video: DiTConfig, audio: DiTConfig, placement: Placement, keep_fp8: bool = False
 ) -> OviFusion:
-    """Loads `Ovi/model*.safetensors` (bf16, or fp8 e4m3fn) strictly into a meta-built model."""
+    """Loads `Ovi/model*.safetensors` (bf16, or fp8 e4m3fn) strictly into a meta-built model.
+
+    fp8 tensors are upcast to the placement dtype, unless `keep_fp8`: then the Linear/Conv weights that
+    diffusers' layerwise casting handles stay fp8 in memory and are upcast one layer at a time.
+    """
     model = build_fusion(video, audio)
-    return load_checkpoint(model, path, placement, what="fusion model", keep_fp8=keep_fp8)
+    kept = layerwise_cast_params(model) if keep_fp8 else False
+    load_checkpoint(model, path, placement, what="fusion model", keep_fp8=kept)
+    if keep_fp8:
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=placement.dtype)
+    return model
+
+
+def layerwise_cast_params(model: OviFusion) -> set[str]:
+    """Names of the parameters `enable_layerwise_casting` stores in low precision (same rule as diffusers)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
+            continue
+        if any(re.search(p, module_name) for p in model._skip_layerwise_casting_patterns):
+            continue
+        names.update(f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False))
+    return names

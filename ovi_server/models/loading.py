@@ -8,7 +8,7 @@ Peak host memory stays near one copy of the checkpoint: safetensors files are op
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,13 +108,14 @@ def load_module(
     *,
     path: Path | str,
     what: str,
-    keep_fp8: bool = False,
+    keep_fp8: bool | Container[str] = False,
     fp32_params: tuple[str, ...] = (),
 ) -> nn.Module:
     """Assigns `state_dict` to a (meta) module strictly, converting tensor by tensor.
 
     Args:
-        keep_fp8: leave float8 tensors in float8 (low-VRAM storage); otherwise upcast to the compute dtype.
+        keep_fp8: leave float8 tensors in float8 (low-VRAM storage): all of them (True) or those named
+            in the container; the others are upcast to the compute dtype.
         fp32_params: name fragments of parameters kept in float32 whatever the placement dtype.
     """
     own = module.state_dict(keep_vars=True)
@@ -129,7 +130,7 @@ def load_module(
             )
         dtype = tensor.dtype
         if tensor.is_floating_point():
-            if dtype in FP8_DTYPES and keep_fp8:
+            if dtype in FP8_DTYPES and (keep_fp8 is True or (keep_fp8 and name in keep_fp8)):
                 pass
             elif any(part in name for part in fp32_params):
                 dtype = torch.float32
@@ -148,7 +149,7 @@ def load_checkpoint(
     what: str,
     remap: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
     subkey: str | None = None,
-    keep_fp8: bool = False,
+    keep_fp8: bool | Container[str] = False,
     fp32_params: tuple[str, ...] = (),
 ) -> nn.Module:
     """read_state_dict + optional key remap + load_module, logging what was loaded."""

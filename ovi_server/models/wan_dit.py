@@ -293,6 +293,11 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        # A bare Parameter: never stored in fp8 by layerwise casting, so it tells the compute dtype.
+        return self.head.modulation.dtype
+
     def embed(
         self,
         latents: Sequence[Tensor],
@@ -311,7 +316,7 @@ class WanDiT(nn.Module):
             first_frame_is_clean: i2v; tokens of the first latent frame get t = 0.
         """
         cfg = self.cfg
-        dtype = self.text_embedding[0].weight.dtype
+        dtype = self.compute_dtype
         if cfg.is_audio:
             embedded = [self.patch_embedding(u[None].to(dtype)) for u in latents]  # [1, L, dim]
             grids = tuple((u.shape[1],) for u in embedded)

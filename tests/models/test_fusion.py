@@ -1,0 +1,101 @@
+"""OviFusion: golden parity, the real configs' size, and diffusers' model tooling on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.hooks import apply_group_offloading
+
+from ovi_server.config import load_variant
+from ovi_server.engine.device import CPU_FP32
+from ovi_server.golden import run_fusion
+from ovi_server.models.fusion import build_fusion, load_fusion
+from tests.conftest import golden_cases
+
+FULL_PARAMS = 11_660_753_108  # what the reference logs for the real FusionModel
+
+
+@pytest.mark.parametrize("case", golden_cases("fusion"), ids=lambda c: c.name)
+def test_fusion_matches_reference(case):
+    result = run_fusion.run_case(case)
+    assert result.passed, result.line()
+
+
+@pytest.mark.parametrize("variant", ["720x720_5s", "960x960_5s", "960x960_10s"])
+def test_full_config_parameter_count(variant):
+    cfg = load_variant(variant)
+    model = build_fusion(cfg.video, cfg.audio)  # meta device: no memory
+    assert sum(p.numel() for p in model.parameters()) == FULL_PARAMS
+    assert len(model.state_dict()) == 2073
+    assert sum(p.numel() for p in model.video_model.parameters()) == 5_566_479_552
+
+
+def _tiny_inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vcfg, acfg = model.video_model.cfg, model.audio_model.cfg
+    video = torch.randn(vcfg.in_dim, 3, 4, 6, generator=g)
+    audio = torch.randn(13, acfg.in_dim, generator=g)
+    ctx = torch.randn(7, vcfg.text_dim, generator=g)
+    return [video], [audio], torch.tensor([700]), [ctx], [ctx]
+
+
+@pytest.fixture(scope="module")
+def golden_model():
+    case = golden_cases("fusion")[0]
+    from ovi_server.config import dit_config
+
+    return lambda: load_fusion(
+        case.weight_path(), dit_config(case.config["video"]), dit_config(case.config["audio"]), CPU_FP32
+    )
+
+
+def test_skip_layer_and_first_frame_change_the_prediction(golden_model):
+    model = golden_model()
+    args = _tiny_inputs(model)
+    base_video, base_audio = model(*args)
+    slg_video, slg_audio = model(*args, slg_layer=1)
+    i2v_video, _ = model(*args, first_frame_is_clean=True)
+    assert not torch.allclose(base_video[0], slg_video[0])
+    assert not torch.allclose(base_audio[0], slg_audio[0])
+    assert not torch.allclose(base_video[0], i2v_video[0])
+    # slg_layer=0 means "off", as in the reference
+    assert torch.equal(model(*args, slg_layer=0)[0][0], base_video[0])
+
+
+def test_attention_backend_is_chosen_by_name(golden_model):
+    model = golden_model()
+    args = _tiny_inputs(model)
+    reference, _ = model(*args)
+    model.set_attention_backend("_native_math")
+    try:
+        math_video, _ = model(*args)
+    finally:
+        model.set_attention_backend("native")
+    torch.testing.assert_close(math_video[0], reference[0], atol=1e-5, rtol=1e-5)
+
+
+def test_group_offloading_keeps_the_output(golden_model):
+    model = golden_model()
+    args = _tiny_inputs(model)
+    reference_video, reference_audio = model(*args)
+    offloaded = golden_model()
+    apply_group_offloading(
+        offloaded, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    video, audio = offloaded(*args)
+    torch.testing.assert_close(video[0], reference_video[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(audio[0], reference_audio[0], atol=1e-6, rtol=1e-6)
+
+
+def test_fp8_layerwise_casting_stays_close(golden_model):
+    """fp8 storage of every Linear/Conv weight (low-VRAM mode); e4m3 keeps ~2 significant digits."""
+    model = golden_model()
+    args = _tiny_inputs(model)
+    reference_video, reference_audio = model(*args)
+    fp8 = golden_model()
+    fp8.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert fp8.video_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    video, audio = fp8(*args)
+    for out, ref in ((video[0], reference_video[0]), (audio[0], reference_audio[0])):
+        rel = (out - ref).norm() / ref.norm()
+        assert rel < 0.08, f"fp8 relative error {rel:.3f}"
