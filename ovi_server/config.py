@@ -74,6 +74,7 @@ class VideoVAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temperal_downsample: tuple[bool, ...] = (False, True, True)
+    patch_size: int = 2  # pixels are folded 2x2 into channels before the encoder (3 -> 12)
 
 
 @dataclass(frozen=True)
@@ -246,3 +247,31 @@ class EngineConfig:
     offload: Literal["none", "model", "block"] = "none"
     fp8: bool = False  # load the fp8 checkpoint and keep Linear weights in fp8 (low-VRAM mode)
     compile: bool = False  # torch.compile the fusion blocks
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`ovi-server serve`: built once by cli.py (defaults → env → flags) and handed to build_app/Worker."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # None: absolute URLs (status_url, video.url, ...) follow each request's Host / X-Forwarded-* headers.
+    public_url: str | None = None
+    data_dir: Path = Path("ovi-data")  # jobs.sqlite3, files/, webhook signing key
+    # "id:secret" pairs (or bare keys). Empty: open, which cli.py only allows on loopback or with no_auth.
+    api_keys: tuple[str, ...] = ()
+    no_auth: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_port: int | None = None  # with a cert: extra HTTPS listener; None: `port` itself serves HTTPS
+    output_retention_hours: float = 24.0  # generated MP4s and uploads are deleted after this
+    webhook_retry_base_s: float = 7.0  # delays base·2^n: 10 retries span ~2 h, as on fal
+    webhook_max_retries: int = 10
+    # A job found running at start-up was interrupted by a crash; it is re-queued this many times at most.
+    max_attempts: int = 2
+    storage: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = "ovi/"
+    worker: bool = True  # run the generation worker in the server process (a thread)

@@ -1,0 +1,1 @@
+"""HTTP API: fal's queue protocol over a JobStore. Never imports torch."""

@@ -1,0 +1,335 @@
+"""HTTP routes: fal's queue API, sync run, storage, JWKS, health and metrics. No try/except (see errors.py).
+
+Read top to bottom: submit → status (poll and SSE) → result → cancel → sync run → storage → misc.
+Routes talk to `request.app.state.store` (a JobStore) and `.files` (a FileStore), nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+
+from ovi_server.api import schemas
+from ovi_server.api.auth import require_key, require_key_or_token
+from ovi_server.jobs.store import (
+    FailureKind,
+    FieldError,
+    Job,
+    JobFailure,
+    JobStatus,
+    JobStore,
+    NewJob,
+    Priority,
+)
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+authed = [Depends(require_key)]
+SSE_POLL_S = 0.25
+SSE_PING_S = 15.0
+RUN_POLL_S = 0.25
+
+
+def base_url(request: Request) -> str:
+    """Origin for absolute URLs: configured public URL, else X-Forwarded-Proto/Host, else the request's."""
+    configured = request.app.state.config.public_url
+    if configured:
+        return configured.rstrip("/")
+    proto = request.headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host") or request.url.netloc
+    return f"{proto}://{host.split(',')[0].strip()}"
+
+
+def _store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def _json(
+    body: dict[str, Any], status_code: int = 200, request_id: str | None = None, **headers: str
+) -> JSONResponse:
+    if request_id:
+        headers["x-fal-request-id"] = request_id
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _wants_logs(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+async def _read_input(request: Request, app: str) -> tuple[Any, JobFailure | None]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except ValueError as exc:
+        msg = f"JSON decode error: {exc}"
+        return None, JobFailure(FailureKind.INVALID_INPUT, msg, (FieldError(("body",), msg, "json_invalid"),))
+    generation = schemas.to_generation_request(app, body)
+    return generation, generation if isinstance(generation, JobFailure) else None
+
+
+def _new_job(request: Request, app: str, owner: str, generation: Any, failure: JobFailure | None) -> NewJob:
+    timeout = request.headers.get("x-fal-request-timeout")
+    priority = request.headers.get("x-fal-queue-priority", "normal").lower()
+    return NewJob(
+        app=app,
+        request=None if failure else generation,
+        owner=owner,
+        base_url=base_url(request),
+        priority=Priority.LOW if priority == "low" else Priority.NORMAL,
+        webhook_url=request.query_params.get("fal_webhook") or None,
+        start_deadline=time.time() + float(timeout) if _is_number(timeout) else None,
+        failure=failure,
+    )
+
+
+def _is_number(value: str | None) -> bool:
+    try:
+        return value is not None and float(value) > 0
+    except ValueError:
+        return False
+
+
+# -- submit ------------------------------------------------------------------------------------------
+
+
+def _input_doc(model: type) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _submit(request: Request, app: str, owner: str) -> JSONResponse:
+    generation, failure = await _read_input(request, app)
+    store = _store(request)
+    job = store.submit(_new_job(request, app, owner, generation, failure))
+    logger.info(
+        "job %s submitted app=%s owner=%s%s", job.id, app, owner, " (invalid input)" if failure else ""
+    )
+    position = store.queue_position(job.id) if job.status is JobStatus.QUEUED else 0
+    return _json(schemas.submitted(job, base_url(request), position), request_id=job.id)
+
+
+@router.post(
+    f"/{schemas.TEXT_TO_VIDEO}",
+    tags=["queue"],
+    summary="Submit a text-to-video request",
+    openapi_extra=_input_doc(schemas.OviInput),
+)
+async def submit_text_to_video(request: Request, owner: str = Depends(require_key)) -> JSONResponse:
+    return await _submit(request, schemas.TEXT_TO_VIDEO, owner)
+
+
+@router.post(
+    f"/{schemas.IMAGE_TO_VIDEO}",
+    tags=["queue"],
+    summary="Submit an image-to-video request",
+    openapi_extra=_input_doc(schemas.OviImageToVideoInput),
+)
+async def submit_image_to_video(request: Request, owner: str = Depends(require_key)) -> JSONResponse:
+    return await _submit(request, schemas.IMAGE_TO_VIDEO, owner)
+
+
+# -- status, result, cancel (under fal-ai/ovi for both apps; also accepted under the sub-path) ---------
+
+
+def _status(request: Request, job: Job, logs: bool, after_seq: int = 0) -> dict[str, Any]:
+    store = _store(request)
+    position = store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
+    lines = store.logs(job.id, after_seq) if logs else None
+    return schemas.status_body(job, base_url(request), position, lines)
+
+
+async def get_status(request: Request, request_id: str, logs: str | None = None) -> JSONResponse:
+    job = _store(request).get(request_id)
+    code = 200 if job.status.finished else 202
+    return _json(_status(request, job, _wants_logs(logs)), code, request_id=job.id)
+
+
+async def stream_status(request: Request, request_id: str, logs: str | None = None) -> StreamingResponse:
+    store = _store(request)
+    job = store.get(request_id)  # 404 before the stream starts
+    with_logs = _wants_logs(logs)
+
+    async def events() -> AsyncIterator[str]:
+        last_seq, last_sent, last_write = 0, None, time.monotonic()
+        while True:
+            current = store.get(request_id)
+            body = _status(request, current, with_logs, last_seq)
+            new_lines = body["logs"] or []
+            fingerprint = (body["status"], body.get("queue_position"))
+            if new_lines or fingerprint != last_sent:
+                if new_lines:
+                    last_seq = store.logs(request_id, last_seq)[len(new_lines) - 1].seq
+                yield f"data: {json.dumps(body)}\n\n"
+                last_sent, last_write = fingerprint, time.monotonic()
+            if current.status.finished:
+                return
+            if time.monotonic() - last_write >= SSE_PING_S:
+                yield ": ping\n\n"
+                last_write = time.monotonic()
+            await asyncio.sleep(SSE_POLL_S)
+
+    headers = {"x-fal-request-id": job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _result(request: Request, job: Job) -> JSONResponse:
+    if not job.status.finished:
+        return _json({"detail": "Request is still in progress"}, 400, request_id=job.id)
+    if job.result is not None:
+        return _json(schemas.output_body(job, base_url(request)), request_id=job.id)
+    assert job.failure is not None
+    code, body, headers = schemas.failure_response(job.failure)
+    return _json(body, code, request_id=job.id, **headers)
+
+
+async def get_result(request: Request, request_id: str) -> JSONResponse:
+    return _result(request, _store(request).get(request_id))
+
+
+async def cancel(request: Request, request_id: str) -> JSONResponse:
+    before = _store(request).request_cancel(request_id)
+    if before.finished:
+        return _json({"status": "ALREADY_COMPLETED"}, 400, request_id=request_id)
+    logger.info("job %s cancellation requested (was %s)", request_id, before.value)
+    return _json({"status": "CANCELLATION_REQUESTED"}, 202, request_id=request_id)
+
+
+for _root in (schemas.APP_ROOT, schemas.IMAGE_TO_VIDEO):
+    _doc = _root == schemas.APP_ROOT
+    _base = f"/{_root}/requests/{{request_id}}"
+    router.add_api_route(
+        f"{_base}/status",
+        get_status,
+        methods=["GET"],
+        dependencies=authed,
+        tags=["queue"],
+        include_in_schema=_doc,
+        summary="Request status",
+    )
+    router.add_api_route(
+        f"{_base}/status/stream",
+        stream_status,
+        methods=["GET"],
+        dependencies=authed,
+        tags=["queue"],
+        include_in_schema=_doc,
+        summary="Request status as server-sent events",
+    )
+    router.add_api_route(
+        _base,
+        get_result,
+        methods=["GET"],
+        dependencies=authed,
+        tags=["queue"],
+        include_in_schema=_doc,
+        summary="Request result",
+        responses={200: {"model": schemas.OviOutput}},
+    )
+    router.add_api_route(f"{_base}/cancel", cancel, methods=["PUT"], dependencies=authed, tags=["queue"], include_in_schema=_doc, summary="Cancel a request")  # fmt: skip
+
+
+# -- sync run (fal.run): same queue, the response waits for the result --------------------------------
+
+
+async def _run(request: Request, app: str, owner: str) -> JSONResponse:
+    generation, failure = await _read_input(request, app)
+    if failure is not None:
+        code, body, headers = schemas.failure_response(failure)
+        return _json(body, code, **headers)
+    store = _store(request)
+    job = store.submit(_new_job(request, app, owner, generation, None))
+    logger.info("job %s submitted (sync run) app=%s owner=%s", job.id, app, owner)
+    while not job.status.finished:
+        if await request.is_disconnected():
+            store.request_cancel(job.id)
+            logger.info("job %s: sync caller went away; cancelling", job.id)
+        await asyncio.sleep(RUN_POLL_S)
+        job = store.get(job.id)
+    return _result(request, job)
+
+
+@router.post(f"/run/{schemas.TEXT_TO_VIDEO}", tags=["sync"], summary="Run text-to-video and wait", openapi_extra=_input_doc(schemas.OviInput), responses={200: {"model": schemas.OviOutput}})  # fmt: skip
+async def run_text_to_video(request: Request, owner: str = Depends(require_key)) -> JSONResponse:
+    return await _run(request, schemas.TEXT_TO_VIDEO, owner)
+
+
+@router.post(f"/run/{schemas.IMAGE_TO_VIDEO}", tags=["sync"], summary="Run image-to-video and wait", openapi_extra=_input_doc(schemas.OviImageToVideoInput), responses={200: {"model": schemas.OviOutput}})  # fmt: skip
+async def run_image_to_video(request: Request, owner: str = Depends(require_key)) -> JSONResponse:
+    return await _run(request, schemas.IMAGE_TO_VIDEO, owner)
+
+
+# -- storage (spec §8) ---------------------------------------------------------------------------------
+
+
+@router.post("/storage/upload/initiate", tags=["storage"], dependencies=authed)
+async def upload_initiate(request: Request, body: schemas.UploadInitiate) -> dict[str, str]:
+    """JS `fal.storage.upload` step 1: a one-time `upload_url` to PUT to and the `file_url` it will have."""
+    key = request.app.state.files.reserve_upload(body.file_name or "", body.content_type)
+    base = base_url(request)
+    return {"upload_url": f"{base}/storage/put/{key}", "file_url": f"{base}/files/{key}"}
+
+
+@router.put("/storage/put/{key:path}", tags=["storage"])
+async def upload_put(request: Request, key: str) -> dict[str, Any]:
+    """Step 2: the bytes. No API key (the JS client sends none); the key is a one-time random name."""
+    files = request.app.state.files
+    size = files.write_upload(key, iter([await request.body()]), request.headers.get("content-type"))
+    return {"status": "ok", "file_size": size}
+
+
+@router.post("/storage/auth/token", tags=["storage"])
+async def upload_token(request: Request, owner: str = Depends(require_key)) -> dict[str, str]:
+    """fal-client's CDN upload step 1: a short-lived token for POST /files/upload."""
+    token, expires = request.app.state.keys.issue_token(owner)
+    expires_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+    return {"token": token, "token_type": "Bearer", "base_url": base_url(request), "expires_at": expires_at}
+
+
+@router.post("/files/upload", tags=["storage"], dependencies=[Depends(require_key_or_token)])
+async def upload_file(request: Request) -> dict[str, str]:
+    """fal-client's CDN upload: raw bytes in, `access_url` out."""
+    files = request.app.state.files
+    content_type = request.headers.get("content-type", "application/octet-stream")
+    key = files.reserve_upload(request.headers.get("x-fal-file-name", ""), content_type)
+    files.write_upload(key, iter([await request.body()]), content_type)
+    return {"access_url": f"{base_url(request)}/files/{key}"}
+
+
+@router.get("/files/{key:path}", tags=["storage"], response_model=None)
+async def download(request: Request, key: str) -> Response:
+    """Uploaded inputs and generated MP4s. No API key: keys are unguessable, like fal's CDN URLs."""
+    files = request.app.state.files
+    path = files.local_path(key)
+    if path is None:
+        return RedirectResponse(files.remote_url(key))
+    return FileResponse(
+        path, media_type=files.content_type(key), filename=path.name, content_disposition_type="inline"
+    )
+
+
+# -- misc ------------------------------------------------------------------------------------------------
+
+
+@router.get("/.well-known/jwks.json", tags=["webhooks"])
+async def jwks(request: Request) -> JSONResponse:
+    """Public keys that verify X-Fal-Webhook-Signature."""
+    return JSONResponse(request.app.state.signer.jwks(), headers={"Cache-Control": "public, max-age=3600"})
+
+
+@router.get("/health", tags=["ops"])
+async def health(request: Request) -> dict[str, Any]:
+    counts = _store(request).counts()
+    return {"status": "ok", "jobs": {status.value: n for status, n in counts.items()}}
+
+
+@router.get("/metrics", tags=["ops"], dependencies=authed)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,253 @@
+"""`ovi-server`: the command line. `serve` runs the fal-compatible HTTP API with its generation worker.
+
+Every option has an environment variable (shown in --help); flags win over the environment, which wins
+over the defaults. main() uses subparsers so `generate`, `weights`, ... can be added next to `serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ovi_server.config import EngineConfig, ServerConfig
+
+logger = logging.getLogger("ovi_server.cli")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _flag_env(name: str) -> bool:
+    return (os.environ.get(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def _opt(
+    parser: argparse.ArgumentParser, flag: str, env: str, help: str, default: str | None = None, **kw
+) -> None:
+    """An option whose default comes from `env`; --help shows both."""
+    shown = f" (default: {default})" if default is not None else ""
+    parser.add_argument(flag, default=_env(env, default), help=f"{help} [env {env}]{shown}", **kw)
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the fal-compatible HTTP server and its generation worker",
+        description="Serve fal-ai/ovi and fal-ai/ovi/image-to-video over fal's queue API.",
+    )
+    engine = p.add_argument_group("model")
+    _opt(engine, "--variant", "OVI_VARIANT", "model variant (configs/<name>.json) or a config path", "tiny")
+    _opt(engine, "--weights", "OVI_WEIGHTS_DIR", "weights directory (none: random weights, tiny only)")
+    _opt(engine, "--device", "OVI_DEVICE", "auto, cpu, cuda or cuda:N", "auto")
+    _opt(engine, "--dtype", "OVI_DTYPE", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", "auto")
+    _opt(
+        engine, "--offload", "OVI_OFFLOAD", "none, model or block", "none", choices=["none", "model", "block"]
+    )
+    engine.add_argument(
+        "--fp8", action="store_true", default=_flag_env("OVI_FP8"), help="fp8 weights [env OVI_FP8]"
+    )
+    engine.add_argument(
+        "--compile",
+        action="store_true",
+        default=_flag_env("OVI_COMPILE"),
+        help="torch.compile [env OVI_COMPILE]",
+    )
+
+    net = p.add_argument_group("network")
+    _opt(net, "--host", "OVI_HOST", "listen address", "127.0.0.1")
+    _opt(net, "--port", "OVI_PORT", "listen port", "8000", type=int)
+    _opt(
+        net,
+        "--public-url",
+        "OVI_PUBLIC_URL",
+        "origin used in returned URLs (status_url, video.url, ...); default: the address each client "
+        "used (Host / X-Forwarded-Proto / X-Forwarded-Host), i.e. the listen address for direct clients",
+    )
+    _opt(net, "--tls-cert", "OVI_TLS_CERT", "PEM certificate: serve HTTPS (fal-client only speaks https)")
+    _opt(net, "--tls-key", "OVI_TLS_KEY", "PEM private key for --tls-cert")
+    _opt(
+        net,
+        "--tls-port",
+        "OVI_TLS_PORT",
+        "with --tls-cert: HTTPS on this port, plain HTTP stays on --port",
+        type=int,
+    )
+
+    auth = p.add_argument_group("auth")
+    _opt(
+        auth,
+        "--api-keys",
+        "OVI_API_KEYS",
+        "comma-separated keys, 'id:secret' or bare; clients send 'Key <key>'",
+    )
+    auth.add_argument(
+        "--no-auth",
+        action="store_true",
+        default=_flag_env("OVI_NO_AUTH"),
+        help="allow running without keys on a non-loopback address [env OVI_NO_AUTH]",
+    )
+
+    data = p.add_argument_group("data")
+    _opt(data, "--data-dir", "OVI_DATA_DIR", "jobs database, files, webhook key (default: the user data dir)")
+    _opt(
+        data, "--retention-hours", "OVI_RETENTION_HOURS", "delete outputs and uploads after", "24", type=float
+    )
+    _opt(data, "--storage", "OVI_STORAGE", "where files live", "local", choices=["local", "s3"])
+    _opt(data, "--s3-bucket", "OVI_S3_BUCKET", "bucket for --storage s3 (credentials: the usual AWS_* env)")
+    _opt(data, "--s3-endpoint-url", "OVI_S3_ENDPOINT_URL", "S3-compatible endpoint (MinIO, R2, ...)")
+    _opt(
+        data,
+        "--max-attempts",
+        "OVI_MAX_ATTEMPTS",
+        "runs of a job interrupted by a crash before it fails",
+        "2",
+        type=int,
+    )
+    _opt(data, "--webhook-retry-base", "OVI_WEBHOOK_RETRY_BASE", "seconds before the first webhook retry (doubles)", "7", type=float)  # fmt: skip
+    _opt(p, "--log-level", "OVI_LOG_LEVEL", "debug, info, warning", "info")
+    p.set_defaults(func=serve)
+
+
+def build_server_config(args: argparse.Namespace) -> ServerConfig:
+    import platformdirs
+
+    engine = EngineConfig(
+        variant=args.variant,
+        weights_dir=Path(args.weights) if args.weights else None,
+        device=args.device,
+        dtype=args.dtype,
+        offload=args.offload,
+        fp8=args.fp8,
+        compile=args.compile,
+    )
+    keys = tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip())
+    return ServerConfig(
+        engine=engine,
+        host=args.host,
+        port=int(args.port),
+        public_url=args.public_url.rstrip("/") if args.public_url else None,
+        data_dir=Path(args.data_dir or platformdirs.user_data_dir("ovi-server")),
+        api_keys=keys,
+        no_auth=args.no_auth,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_port=int(args.tls_port) if args.tls_port else None,
+        output_retention_hours=float(args.retention_hours),
+        webhook_retry_base_s=float(args.webhook_retry_base),
+        max_attempts=int(args.max_attempts),
+        storage=args.storage,
+        s3_bucket=args.s3_bucket,
+        s3_endpoint_url=args.s3_endpoint_url,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+
+
+def check_auth(config: ServerConfig) -> None:
+    if config.api_keys:
+        logger.info("auth: %d API key(s)", len(config.api_keys))
+    elif is_loopback(config.host):
+        logger.warning(
+            "auth: no API keys (OVI_API_KEYS); open to local clients only, listening on %s", config.host
+        )
+    elif config.no_auth:
+        logger.warning("auth: DISABLED on %s (--no-auth): anyone who can reach it can use it", config.host)
+    else:
+        raise SystemExit(
+            f"refusing to listen on {config.host} without API keys: set OVI_API_KEYS=id:secret[,...] "
+            "(or --api-keys), listen on 127.0.0.1, or pass --no-auth if a proxy in front authenticates"
+        )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ovi_server.api.app import build_app, build_files
+    from ovi_server.jobs.metrics import Metrics
+    from ovi_server.jobs.sqlite import SqliteJobStore
+
+    config = build_server_config(args)
+    check_auth(config)
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    logger.info("config %s", config)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqliteJobStore(config.data_dir / "jobs.sqlite3")
+    requeued, failed = store.recover(config.max_attempts)
+    if requeued or failed:
+        logger.warning(
+            "recovered after a crash: %d job(s) queued again, %d failed", len(requeued), len(failed)
+        )
+    files = build_files(config)
+    metrics = Metrics(store)
+    worker = None
+    if config.worker:
+        from ovi_server.jobs.worker import Worker, load_pipeline
+
+        worker = Worker(config.engine, store, files, metrics, pipeline=load_pipeline(config.engine))
+        worker.start()
+    app = build_app(config, store, files, metrics)
+
+    common = {"log_level": args.log_level.lower(), "timeout_graceful_shutdown": 5}
+    tls = (
+        {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)} if config.tls_cert else {}
+    )
+    main_tls = tls if tls and config.tls_port is None else {}
+    servers = [uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, **main_tls, **common))]
+    if tls and config.tls_port is not None:
+        # Same app, second listener; the first server runs the lifespan (webhooks, retention) for both.
+        extra = uvicorn.Config(app, host=config.host, port=config.tls_port, lifespan="off", **tls, **common)
+        servers.append(uvicorn.Server(extra))
+    for server in servers:
+        scheme = "https" if server.config.ssl_certfile else "http"
+        logger.info("listening on %s://%s:%d", scheme, config.host, server.config.port)
+    try:
+        asyncio.run(_serve_all(servers))
+    finally:
+        if worker is not None:
+            worker.stop()
+        store.close()
+    return 0
+
+
+async def _serve_all(servers: list) -> None:
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:  # uvicorn's signal handlers reach only one server: stop the others with it
+        server.should_exit = True
+    await asyncio.gather(*pending)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovi-server", description="Self-hosted Ovi with fal's API.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(sub)
+    # Other subcommands (generate, weights, ...) register here with their own add_*_parser(sub).
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    # Until ovi_server/log.py exists, this is the one place logging is configured.
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

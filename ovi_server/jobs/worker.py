@@ -1,0 +1,180 @@
+"""The generation worker: claims one job at a time from the store, runs the engine, stores the MP4.
+
+The only module that imports the engine. It loads the pipeline once, turns `Progress` events into
+throttled log lines ("denoise 12/30"), checks for cancellation between steps, and always finishes the job
+it claimed: success, invalid input (422), cancelled, or failed with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+from ovi_server.config import EngineConfig
+from ovi_server.engine.request import Clip, GenerationRequest, Progress, ProgressCallback
+from ovi_server.errors import Cancelled, InvalidInput
+from ovi_server.jobs.files import FileStore
+from ovi_server.jobs.metrics import Metrics
+from ovi_server.jobs.store import FailureKind, FieldError, Job, JobFailure, JobResult, JobStore
+
+logger = logging.getLogger(__name__)
+
+LOG_EVERY_S = 1.0  # at most one "denoise i/n" line per second per job (the last step is always written)
+MAX_SEED = 2**31 - 1
+
+
+class Pipeline(Protocol):
+    def generate(self, request: GenerationRequest, out_path: Path, on_progress: ProgressCallback) -> Clip: ...
+
+
+def load_pipeline(config: EngineConfig) -> Pipeline:
+    from ovi_server.engine.pipeline import OviPipeline  # imports torch: only here, only in the worker
+
+    return OviPipeline.from_config(config)
+
+
+class Worker:
+    """Runs jobs from `store` one at a time; `start()` runs it in a daemon thread of the server process."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        store: JobStore,
+        files: FileStore,
+        metrics: Metrics | None = None,
+        pipeline: Pipeline | None = None,
+        poll_s: float = 0.1,
+    ):
+        self.config, self.store, self.files, self.metrics = config, store, files, metrics
+        self.pipeline = pipeline
+        self.poll_s = poll_s
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_forever(self) -> None:
+        if self.pipeline is None:
+            started = time.perf_counter()
+            logger.info(
+                "loading pipeline variant=%s weights=%s", self.config.variant, self.config.weights_dir
+            )
+            self.pipeline = load_pipeline(self.config)
+            logger.info("pipeline ready in %.1fs", time.perf_counter() - started)
+        self.ready.set()
+        while not self._stop.is_set():
+            if not self.run_once():
+                self._stop.wait(self.poll_s)
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue was empty."""
+        job = self.store.claim_next()
+        if job is None:
+            return False
+        self.run_job(job)
+        return True
+
+    def run_job(self, job: Job) -> None:
+        assert self.pipeline is not None and job.request is not None
+        request = job.request
+        if request.seed is None:
+            request = replace(request, seed=random.randint(0, MAX_SEED))
+        request = replace(request, image=self._local_image(job, request.image))
+        w, h = request.size or (0, 0)
+        logger.info(
+            "job %s started variant=%s size=%dx%d steps=%s seed=%d attempt=%d",
+            job.id, self.config.variant, w, h, request.steps, request.seed, job.attempts,
+        )  # fmt: skip
+        logger.debug("job %s prompt=%r", job.id, request.prompt)
+        self.store.append_log(job.id, f"started: {w}x{h}, {request.steps} steps, seed {request.seed}")
+        started = time.perf_counter()
+        failure: JobFailure | None = None
+        with tempfile.TemporaryDirectory(prefix=f"ovi-{job.id}-") as tmp:
+            try:
+                clip = self.pipeline.generate(request, Path(tmp) / "output.mp4", self._progress(job))
+                key = f"outputs/{job.id}/output.mp4"
+                size = self.files.put_file(key, clip.path, "video/mp4")
+            except Cancelled:
+                failure = JobFailure(FailureKind.CANCELLED, "Request was cancelled")
+            except InvalidInput as exc:
+                failure = JobFailure(
+                    FailureKind.INVALID_INPUT, str(exc), (FieldError(("body", exc.field), exc.msg, exc.kind),)
+                )
+            except Exception as exc:  # noqa: BLE001 -- any crash fails this job, never the worker
+                failure = _infrastructure_failure(exc, request)
+                logger.exception("job %s failed", job.id)
+        seconds = time.perf_counter() - started
+        if failure is None:
+            self.store.succeed(job.id, JobResult(key, size, clip.seed, seconds))
+            timings = ", ".join(f"{k} {v:.1f}s" for k, v in clip.timings.items())
+            self.store.append_log(job.id, f"done in {seconds:.1f}s ({timings})")
+            logger.info("job %s done in %.1fs (%s)", job.id, seconds, timings)
+        else:
+            self.store.fail(job.id, failure)
+            level = "WARN" if failure.kind in (FailureKind.CANCELLED, FailureKind.INVALID_INPUT) else "ERROR"
+            self.store.append_log(job.id, failure.message, level)
+            logger.info(
+                "job %s ended %s after %.1fs: %s", job.id, failure.kind.value, seconds, failure.message
+            )
+        if self.metrics is not None:
+            outcome = "succeeded" if failure is None else failure.kind.value
+            self.metrics.inference_seconds.observe(seconds)
+            self.metrics.job_seconds.labels(outcome).observe(time.time() - job.created_at)
+
+    def _local_image(self, job: Job, image: str | None) -> str | None:
+        """Our own file URLs (uploads) → the local file, so the engine need not call back over HTTP(S)."""
+        prefix = f"{job.base_url}/files/"
+        if image is None or not job.base_url or not image.startswith(prefix):
+            return image
+        try:
+            path = self.files.local_path(image[len(prefix) :])
+        except FileNotFoundError:
+            return image  # let the engine report the dead URL as InvalidInput
+        return image if path is None else str(path)
+
+    def _progress(self, job: Job) -> ProgressCallback:
+        last_log = 0.0
+        last_step = time.perf_counter()
+
+        def on_progress(progress: Progress) -> None:
+            nonlocal last_log, last_step
+            now = time.perf_counter()
+            if progress.stage == "denoise" and progress.done > 0 and self.metrics is not None:
+                self.metrics.step_seconds.observe(now - last_step)
+            last_step = now
+            if self.store.get(job.id).cancel_requested:
+                raise Cancelled(f"job {job.id} cancelled")
+            if progress.done == progress.total or progress.done == 0 or now - last_log >= LOG_EVERY_S:
+                self.store.append_log(job.id, f"{progress.stage} {progress.done}/{progress.total}")
+                last_log = now
+
+        return on_progress
+
+
+def _infrastructure_failure(exc: Exception, request: GenerationRequest) -> JobFailure:
+    w, h = request.size or (0, 0)
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+        return JobFailure(
+            FailureKind.OUT_OF_MEMORY,
+            f"out of accelerator memory generating {w}x{h} with {request.steps} steps; retry with a smaller "
+            "resolution, or restart the server with --offload model (or block) or --fp8",
+        )
+    return JobFailure(
+        FailureKind.INTERNAL,
+        f"generation failed: {type(exc).__name__}: {exc}; the server log has the traceback. "
+        "Retry once; if it fails again, report it with the request id.",
+    )
