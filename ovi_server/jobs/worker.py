@@ -7,6 +7,7 @@ it claimed: success, invalid input (422), cancelled, or failed with a message th
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
 import tempfile
@@ -136,15 +137,20 @@ class Worker:
             self.metrics.job_seconds.labels(outcome).observe(time.time() - job.created_at)
 
     def _local_image(self, job: Job, image: str | None) -> str | None:
-        """Our own file URLs (uploads) → the local file, so the engine need not call back over HTTP(S)."""
+        """Our own file URLs (uploads) → a data: URI of the stored file, so the engine need not call back
+        over HTTP(S) (our public URL may be a TLS name the worker cannot verify, or unreachable from it)."""
         prefix = f"{job.base_url}/files/"
         if image is None or not job.base_url or not image.startswith(prefix):
             return image
+        key = image[len(prefix) :]
         try:
-            path = self.files.local_path(image[len(prefix) :])
+            path = self.files.local_path(key)
         except FileNotFoundError:
-            return image  # let the engine report the dead URL as InvalidInput
-        return image if path is None else str(path)
+            return image  # the engine reports the dead URL as InvalidInput on image_url
+        if path is None:
+            return image
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f"data:{self.files.content_type(key)};base64,{data}"
 
     def _progress(self, job: Job) -> ProgressCallback:
         last_log = 0.0
