@@ -1,0 +1,98 @@
+"""MMAudio VAE + BigVGAN: golden parity, checkpoint spellings, strict loading, output length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ovi_server.config import AudioVAEConfig, VocoderConfig, load_variant
+from ovi_server.engine.device import CPU_FP32
+from ovi_server.errors import WeightsError
+from ovi_server.golden import run_mmaudio
+from ovi_server.media.audio_vae import load_audio_decoder, load_audio_vae, random_audio_decoder
+from ovi_server.media.vocoder import load_vocoder
+from tests.conftest import GOLDEN_DIR, golden_cases
+
+MMAUDIO = GOLDEN_DIR / "mmaudio"
+TINY_VAE = AudioVAEConfig(hidden_dim=8)
+TINY_VOCODER = VocoderConfig(upsample_initial_channel=64)
+
+
+@pytest.mark.parametrize("case", golden_cases("mmaudio"), ids=lambda c: c.name)
+def test_mmaudio_matches_reference(case):
+    result = run_mmaudio.run_case(case)
+    assert result.passed, result.line()
+
+
+def test_vocoder_accepts_both_weight_norm_spellings_and_nesting(tmp_path):
+    old = load_file(str(MMAUDIO / "bigvgan_tiny.safetensors"))  # "generator.<key>", weight_g / weight_v
+    new = {}
+    for key, tensor in old.items():
+        key = key.removeprefix("generator.")
+        key = key.replace(".weight_g", ".parametrizations.weight.original0")
+        key = key.replace(".weight_v", ".parametrizations.weight.original1")
+        new[key] = tensor
+    save_file(new, str(tmp_path / "new_spelling.safetensors"))
+    torch.save({"generator": new}, tmp_path / "best_netG.pt")
+    mel = load_file(str(MMAUDIO / "mmaudio_vocoder_M16.safetensors"))["mel"][..., :4]
+
+    reference = load_vocoder(MMAUDIO / "bigvgan_tiny.safetensors", TINY_VOCODER, CPU_FP32).vocode(mel)
+    for path in (tmp_path / "new_spelling.safetensors", tmp_path / "best_netG.pt"):
+        waveform = load_vocoder(path, TINY_VOCODER, CPU_FP32).vocode(mel)
+        torch.testing.assert_close(waveform, reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("file", "drop", "add"),
+    [
+        ("mmaudio_vae_tiny.safetensors", "decoder.up.1.upsample.conv.weight", None),
+        ("mmaudio_vae_tiny.safetensors", None, "decoder.up.1.attn.0.qkv.weight"),
+        ("bigvgan_tiny.safetensors", "generator.resblocks.4.activations.3.act.beta", None),
+        ("bigvgan_tiny.safetensors", "generator.conv_post.weight_g", None),
+        ("bigvgan_tiny.safetensors", None, "generator.conv_post.weight"),
+    ],
+)
+def test_strict_loading_names_file_and_key(tmp_path, file, drop, add):
+    state_dict = load_file(str(MMAUDIO / file))
+    if drop:
+        del state_dict[drop]
+    if add:
+        state_dict[add] = torch.zeros(1)
+    path = tmp_path / file
+    save_file(state_dict, str(path))
+    with pytest.raises(WeightsError) as error:
+        if file.startswith("mmaudio"):
+            load_audio_vae(path, TINY_VAE, CPU_FP32)
+        else:
+            load_vocoder(path, TINY_VOCODER, CPU_FP32)
+    key = (drop or add).removeprefix("generator.")
+    assert str(path) in str(error.value) and key in str(error.value)
+
+
+def test_decoder_length_and_decode_only_loading():
+    decoder = load_audio_decoder(
+        MMAUDIO / "mmaudio_vae_tiny.safetensors",
+        MMAUDIO / "bigvgan_tiny.safetensors",
+        TINY_VAE,
+        TINY_VOCODER,
+        CPU_FP32,
+    )
+    assert decoder.vae.encoder is None and decoder.samples_per_latent == 512
+    case = next(c for c in golden_cases("mmaudio") if "latent" in c.spec["inputs"])
+    latent = case.tensors["latent"]
+    waveform = decoder.decode(latent)
+    assert waveform.dtype == torch.float32
+    assert waveform.shape == (latent.shape[0], 512 * latent.shape[-1])
+    torch.testing.assert_close(waveform, case.tensors["waveform"][:, 0], **case.spec["tolerance"]["waveform"])
+
+
+def test_random_tiny_decoder_gives_a_bounded_waveform():
+    cfg = load_variant("tiny")
+    decoder = random_audio_decoder(cfg.audio_vae, cfg.vocoder, CPU_FP32, seed=0)
+    latent = torch.randn(2, cfg.audio_vae.embed_dim, 7)
+    waveform = decoder.decode(latent)
+    assert waveform.shape == (2, 512 * 7)
+    assert torch.isfinite(waveform).all() and waveform.abs().max() <= 1.0 and waveform.std() > 0.01
+    again = random_audio_decoder(cfg.audio_vae, cfg.vocoder, CPU_FP32, seed=0).decode(latent)
+    torch.testing.assert_close(again, waveform, atol=0, rtol=0)
