@@ -13,6 +13,7 @@ import ipaddress
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -147,8 +148,9 @@ def start_server(tmp: Path) -> LiveServer:
     return server
 
 
-def check_mp4(url: str, verify: str | bool = True) -> dict:
+def check_mp4(url: str, cafile: Path | None = None) -> dict:
     """Download `url` without credentials; it must be an MP4 with an H.264 and an AAC stream."""
+    verify = ssl.create_default_context(cafile=str(cafile)) if cafile else True
     response = httpx.get(url, timeout=30, verify=verify)
     assert response.status_code == 200, (url, response.status_code, response.text[:200])
     assert response.headers["content-type"] == "video/mp4"
