@@ -1,0 +1,66 @@
+"""SIGKILL the live server mid-job, start it again on the same data dir: no accepted request vanishes.
+
+Every request submitted before the kill ends COMPLETED: the one that was running is queued again and
+finishes, the queued ones run, a cancelled one stays cancelled, an invalid one keeps its 422.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from clients.live import LiveServer, check_mp4, start_server
+
+T2V = "/fal-ai/ovi"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    live = start_server(tmp_path_factory.mktemp("durability"))
+    yield live
+    live.stop()
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_sigkill_mid_job_then_restart(server: LiveServer):
+    with server.client() as http:
+        submit = lambda body: http.post(T2V, json=body).json()["request_id"]  # noqa: E731
+        running = submit({"prompt": "long one", "num_inference_steps": 50, "seed": 1})
+        queued = [submit({"prompt": f"queued {i}", "num_inference_steps": 2}) for i in range(2)]
+        cancelled = submit({"prompt": "cancelled", "num_inference_steps": 2})
+        invalid = submit({"prompt": "bad", "num_inference_steps": 0})
+        assert http.put(f"{T2V}/requests/{cancelled}/cancel").status_code == 202
+
+        def denoising() -> bool:
+            logs = http.get(f"{T2V}/requests/{running}/status", params={"logs": 1}).json()["logs"] or []
+            return any(line["message"].startswith("denoise") for line in logs)
+
+        wait_for(denoising, 60, "the long job never started denoising")
+    server.stop(signal.SIGKILL)
+
+    server.start()
+    with server.client() as http:
+
+        def status(rid: str) -> dict:
+            return http.get(f"{T2V}/requests/{rid}/status", params={"logs": 1}).json()
+
+        every = [running, *queued, cancelled, invalid]
+        wait_for(lambda: all(status(r)["status"] == "COMPLETED" for r in every), 180, "jobs did not complete")
+
+        requeued = status(running)
+        assert any("queued again" in line["message"] for line in requeued["logs"])
+        for rid in (running, *queued):
+            result = http.get(f"{T2V}/requests/{rid}")
+            assert result.status_code == 200, result.text
+            check_mp4(result.json()["video"]["url"])
+        assert http.get(f"{T2V}/requests/{running}").json()["seed"] == 1
+        assert http.get(f"{T2V}/requests/{cancelled}").json()["error_type"] == "request_cancelled"
+        assert http.get(f"{T2V}/requests/{invalid}").status_code == 422

@@ -1,0 +1,83 @@
+"""Local file store (one-time uploads, retention), webhook retries, worker progress lines."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ovi_server.config import EngineConfig
+from ovi_server.engine.request import Clip, GenerationRequest, Progress, ProgressCallback
+from ovi_server.jobs.files import LocalFiles
+from ovi_server.jobs.sqlite import SqliteJobStore
+from ovi_server.jobs.store import JobResult, JobStatus, NewJob, WebhookState
+from ovi_server.jobs.webhooks import WebhookSender, WebhookSigner
+from ovi_server.jobs.worker import Worker
+
+
+def test_uploads_are_one_time_and_keys_cannot_escape(tmp_path: Path):
+    files = LocalFiles(tmp_path / "files")
+    key = files.reserve_upload("../../etc/passwd", "text/plain")
+    assert key.startswith("uploads/") and ".." not in key
+    assert files.write_upload(key, iter([b"abc", b"def"]), None) == 6
+    assert files.local_path(key).read_bytes() == b"abcdef" and files.content_type(key) == "text/plain"
+    with pytest.raises(FileNotFoundError):
+        files.write_upload(key, iter([b"again"]), None)
+    for bad in ("../x", "/etc/passwd", "uploads/../../x", "a//b", key + ".meta.json"):
+        with pytest.raises(FileNotFoundError):
+            files.local_path(bad)
+
+
+def test_retention_deletes_old_files(tmp_path: Path):
+    files = LocalFiles(tmp_path / "files")
+    files.put_bytes("outputs/old/output.mp4", b"old", "video/mp4")
+    files.put_bytes("outputs/new/output.mp4", b"new", "video/mp4")
+    old = files.local_path("outputs/old/output.mp4")
+    past = time.time() - 3 * 3600
+    for path in old.parent.iterdir():
+        os.utime(path, (past, past))
+    assert files.delete_older_than(2 * 3600) == 1
+    assert not (tmp_path / "files" / "outputs" / "old").exists()
+    assert files.local_path("outputs/new/output.mp4").read_bytes() == b"new"
+
+
+def test_webhook_gives_up_after_its_retries_and_says_so(tmp_path: Path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    job = store.submit(NewJob(app="fal-ai/ovi", request=None, webhook_url="http://127.0.0.1:9/unreachable"))
+    store.succeed(job.id, JobResult("k", 1, 1, 0.1))
+    signer = WebhookSigner.load_or_create(tmp_path / "key.pem")
+    assert WebhookSigner.load_or_create(tmp_path / "key.pem").jwks() == signer.jwks()  # persisted
+    sender = WebhookSender(store, signer, lambda j: {"request_id": j.id}, retry_base_s=0.01, max_retries=2)
+    with httpx.Client(timeout=1) as client:
+        for _ in range(3):
+            (due,) = store.due_webhooks(time.time() + 1)
+            assert not sender.deliver(client, due)
+    job = store.get(job.id)
+    assert job.webhook_state is WebhookState.GAVE_UP and job.webhook_attempts == 3
+    messages = [line.message for line in store.logs(job.id)]
+    assert "retrying in" in messages[0] and "gave up after 3 attempts" in messages[-1]
+
+
+class CountingPipeline:
+    def generate(self, request: GenerationRequest, out_path: Path, on_progress: ProgressCallback) -> Clip:
+        for i in range(request.steps or 1):
+            on_progress(Progress("denoise", i + 1, request.steps or 1))
+        out_path.write_bytes(b"not really an mp4")
+        return Clip(out_path, request.seed or 0, 8, 8, 1, 24, 0.04)
+
+
+def test_worker_throttles_progress_lines(tmp_path: Path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    files = LocalFiles(tmp_path / "files")
+    request = GenerationRequest(prompt="p", size=(992, 512), steps=50)
+    job = store.submit(NewJob(app="fal-ai/ovi", request=request))
+    worker = Worker(EngineConfig(), store, files, pipeline=CountingPipeline())
+    assert worker.run_once()
+    done = store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED and isinstance(done.result.seed, int)
+    denoise = [line.message for line in store.logs(job.id) if line.message.startswith("denoise")]
+    assert "denoise 50/50" in denoise and len(denoise) < 10
+    assert files.local_path(done.result.file_key).read_bytes() == b"not really an mp4"
