@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ovi_server.commands import add_generate_parser, add_weights_parser
 from ovi_server.config import EngineConfig, ServerConfig
 
 logger = logging.getLogger("ovi_server.cli")
@@ -237,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovi-server", description="Self-hosted Ovi with fal's API.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
-    # Other subcommands (generate, weights, ...) register here with their own add_*_parser(sub).
+    add_generate_parser(sub)
+    add_weights_parser(sub)
     return parser
 
 

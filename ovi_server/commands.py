@@ -1,0 +1,200 @@
+"""`ovi-server generate` (prompt to MP4 with a progress bar) and `ovi-server weights check|download`."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import mimetypes
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_WEIGHTS_DIR = "weights"
+
+
+def _engine_options(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
+    p.add_argument(
+        "--variant",
+        default=os.environ.get("OVI_VARIANT", "tiny"),
+        help="720x720_5s, 960x960_5s, 960x960_10s or tiny (random weights, CPU demo) [env OVI_VARIANT]",
+    )
+    p.add_argument(
+        "--weights",
+        default=os.environ.get("OVI_WEIGHTS_DIR", DEFAULT_WEIGHTS_DIR if weights_required else None),
+        help="weights directory in the reference's layout (weights/README.md) [env OVI_WEIGHTS_DIR]",
+    )
+    p.add_argument(
+        "--fp8", action="store_true", help="use the fp8 checkpoint (720x720_5s) and keep it fp8 in memory"
+    )
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate one MP4 from a prompt (and optionally a first-frame image)",
+        description="Prompt (+ image) to MP4 with speech and sound, on this machine.",
+    )
+    p.add_argument("prompt", help="e.g. 'A man says <S>We ship today.<E> Audio: keyboard clicks'")
+    p.add_argument("--image", help="first frame (image-to-video): a file path, an http(s) URL or a data: URI")
+    p.add_argument(
+        "--resolution",
+        default="992x512",
+        help="WIDTHxHEIGHT, snapped to the variant's area (fal's: 512x992, 992x512, 960x512, 512x960, "
+        "720x720, 448x1120, 1120x448) (default 992x512; ignored with --image)",
+    )
+    p.add_argument("--steps", type=int, help="denoising steps (default: the variant's, 50; tiny: 4)")
+    p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    p.add_argument("--solver", choices=["unipc", "dpm++", "euler"], help="default unipc")
+    p.add_argument("--video-guidance", type=float, help="default 4.0")
+    p.add_argument("--audio-guidance", type=float, help="default 3.0")
+    p.add_argument("--negative-prompt", help="video negative prompt")
+    p.add_argument("--audio-negative-prompt", help="audio negative prompt")
+    _engine_options(p)
+    p.add_argument("--device", default=os.environ.get("OVI_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
+    p.add_argument(
+        "--offload",
+        choices=["none", "model", "block"],
+        default="none",
+        help="keep models in host memory and move them to the GPU per stage (model) or per block",
+    )
+    p.add_argument("-o", "--output", default="out.mp4", help="where to write the MP4 (default out.mp4)")
+    p.set_defaults(func=generate)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--resolution {text!r}: expected WIDTHxHEIGHT, e.g. 992x512")
+    return int(match.group(1)), int(match.group(2))
+
+
+def image_source(value: str) -> str:
+    """URLs and data URIs pass through; a local file becomes a data URI (the pipeline never opens paths)."""
+    if value.startswith(("http://", "https://", "data:")):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        from ovi_server.errors import InvalidInput
+
+        raise InvalidInput("--image", f"{value}: no such file")
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ovi_server.config import EngineConfig
+    from ovi_server.engine.pipeline import OviPipeline
+    from ovi_server.engine.request import GenerationRequest, Progress
+    from ovi_server.errors import OviError
+
+    started = time.monotonic()
+    try:
+        size = parse_size(args.resolution)
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = EngineConfig(
+        variant=args.variant,
+        weights_dir=Path(args.weights) if args.weights else None,
+        device=args.device,
+        offload=args.offload,
+        fp8=args.fp8,
+    )
+    try:
+        image = image_source(args.image) if args.image else None
+    except OviError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    request = GenerationRequest(
+        prompt=args.prompt,
+        image=image,
+        size=size,
+        steps=args.steps,
+        seed=args.seed,
+        solver=args.solver,
+        video_guidance_scale=args.video_guidance,
+        audio_guidance_scale=args.audio_guidance,
+        video_negative_prompt=args.negative_prompt,
+        audio_negative_prompt=args.audio_negative_prompt,
+    )
+    bars: dict[str, tqdm] = {}
+
+    def on_progress(event: Progress) -> None:
+        bar = bars.get(event.stage)
+        if bar is None:
+            bar = bars[event.stage] = tqdm(
+                total=event.total,
+                desc=f"{event.stage:<12}",
+                unit="step" if event.stage == "denoise" else "it",
+                leave=True,
+                file=sys.stderr,
+            )
+        bar.update(event.done - bar.n)
+        if event.done >= event.total:
+            bar.close()
+
+    try:
+        print(f"loading {args.variant} ...", file=sys.stderr)
+        pipeline = OviPipeline.from_config(engine)
+        clip = pipeline.generate(request, Path(args.output), on_progress)
+    except OviError as exc:
+        for bar in bars.values():
+            bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {clip.path}  seed={clip.seed}  {clip.width}x{clip.height}  {clip.num_frames} frames "
+        f"{clip.duration_s:.2f}s @ {clip.fps} fps  in {time.monotonic() - started:.1f}s"
+    )
+    return 0
+
+
+def add_weights_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("weights", help="check or download the official checkpoint files")
+    wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    check = wsub.add_parser(
+        "check", help="list the variant's files, their sizes and whether their keys match"
+    )
+    _engine_options(check, weights_required=True)
+    check.set_defaults(func=weights_check)
+    download = wsub.add_parser("download", help="fetch the variant's official files with huggingface_hub")
+    _engine_options(download, weights_required=True)
+    download.set_defaults(func=weights_download)
+
+
+def weights_check(args: argparse.Namespace) -> int:
+    from ovi_server import weights
+    from ovi_server.config import load_variant
+    from ovi_server.errors import OviError
+
+    try:
+        cfg = load_variant(args.variant)
+        reports = weights.check(Path(args.weights), cfg, fp8=args.fp8)
+    except OviError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{cfg.name}: {Path(args.weights).resolve()}")
+    for report in reports:
+        print("  " + report.line())
+    bad = [r for r in reports if not r.present or r.keys_ok is False]
+    print(f"{len(reports) - len(bad)} ok, {len(bad)} missing or bad")
+    return 1 if bad else 0
+
+
+def weights_download(args: argparse.Namespace) -> int:
+    from ovi_server import weights
+    from ovi_server.config import load_variant
+    from ovi_server.errors import OviError
+
+    try:
+        paths = weights.download(Path(args.weights), load_variant(args.variant), fp8=args.fp8)
+    except OviError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0

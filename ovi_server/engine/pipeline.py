@@ -1,0 +1,305 @@
+"""OviPipeline: loads a variant once and turns a GenerationRequest into an MP4.
+
+prompt/image -> text encoder (+ video VAE encode for i2v) -> seeded noise -> denoise() ->
+video VAE decode + audio VAE/vocoder decode -> mux. The server's worker and the CLI call exactly this.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ovi_server import weights
+from ovi_server.config import EngineConfig, OviConfig, load_variant
+from ovi_server.engine.device import Placement, resolve_placement
+from ovi_server.engine.request import Clip, GenerationRequest, Progress, ProgressCallback, ignore_progress
+from ovi_server.engine.sampler import Conditioning, Guidance, denoise, initial_noise, make_plan
+from ovi_server.engine.solvers import SOLVERS
+from ovi_server.errors import InvalidInput, WeightsError
+from ovi_server.media.audio_vae import AudioDecoder, load_audio_decoder, random_audio_decoder
+from ovi_server.media.images import load_first_frame
+from ovi_server.media.mux import write_mp4
+from ovi_server.media.video_vae import VideoVAE, load_video_vae, random_video_vae
+from ovi_server.models.fusion import OviFusion, build_fusion, load_fusion
+from ovi_server.models.loading import init_random_
+from ovi_server.models.t5 import TextEncoder, load_text_encoder, random_text_encoder
+from ovi_server.prompt import format_prompt, validate_prompt
+from ovi_server.shapes import area_warning, generation_shape, t2v_shape
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1  # fal and the reference take any int; torch seeds are 64-bit, we keep it printable
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every default filled in from the variant's config."""
+
+    prompt: str  # rewritten into the variant's caption form
+    image: str | None
+    size: tuple[int, int]  # requested (width, height) for t2v
+    steps: int
+    seed: int
+    solver: str
+    shift: float
+    guidance: Guidance
+    video_negative_prompt: str
+    audio_negative_prompt: str
+
+
+class OviPipeline:
+    def __init__(
+        self,
+        cfg: OviConfig,
+        placement: Placement,
+        fusion: OviFusion,
+        text_encoder: TextEncoder,
+        video_vae: VideoVAE,
+        audio_decoder: AudioDecoder,
+    ):
+        self.cfg, self.placement = cfg, placement
+        self.fusion, self.text_encoder = fusion, text_encoder
+        self.video_vae, self.audio_decoder = video_vae, audio_decoder
+
+    # ------------------------------------------------------------------------------------------ load
+    @classmethod
+    def from_config(cls, engine: EngineConfig) -> OviPipeline:
+        """Builds every model of the variant: from `engine.weights_dir`, or random for the tiny variant."""
+        cfg = load_variant(engine.variant)
+        placement = resolve_placement(
+            engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8
+        )
+        # with offloading the models rest in host memory and visit the device for their stage
+        home = placement if placement.offload == "none" else Placement(torch.device("cpu"), placement.dtype)
+        started = time.monotonic()
+        if engine.weights_dir is None:
+            if cfg.random_weights_seed is None:
+                raise WeightsError(
+                    f"variant {cfg.name} needs its checkpoints: pass --weights DIR "
+                    f"(`ovi-server weights download --variant {cfg.name}` fetches them)"
+                )
+            seed = cfg.random_weights_seed
+            logger.warning(
+                "variant %s runs with RANDOM weights (seed %d): output is noise, for tests/demos",
+                cfg.name,
+                seed,
+            )
+            fusion = init_random_(build_fusion(cfg.video, cfg.audio), home, seed)
+            text_encoder = random_text_encoder(cfg.text_encoder, None, home, seed + 1)
+            video_vae = random_video_vae(cfg.video_vae, home, seed + 2)
+            audio_decoder = random_audio_decoder(cfg.audio_vae, cfg.vocoder, home, seed + 3)
+        else:
+            files = weights.paths(Path(engine.weights_dir), cfg, engine.fp8)
+            fusion = load_fusion(files["fusion"], cfg.video, cfg.audio, home, keep_fp8=engine.fp8)
+            text_encoder = load_text_encoder(files["t5"], files["tokenizer"], cfg.text_encoder, home)
+            video_vae = load_video_vae(files["video_vae"], cfg.video_vae, home)
+            audio_decoder = load_audio_decoder(
+                files["audio_vae"], files["vocoder"], cfg.audio_vae, cfg.vocoder, home
+            )
+        fusion.set_attention_backend(placement.attention)
+        if placement.offload == "block":
+            from diffusers.hooks import apply_group_offloading
+
+            apply_group_offloading(
+                fusion,
+                onload_device=placement.device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=True,
+            )
+        if engine.compile:
+            fusion.compile_repeated_blocks(dynamic=False)
+        logger.info(
+            "pipeline %s ready on %s (%s, attention %s, offload %s) in %.1fs",
+            cfg.name,
+            placement.device,
+            str(placement.dtype).removeprefix("torch."),
+            placement.attention,
+            placement.offload,
+            time.monotonic() - started,
+        )
+        return cls(cfg, placement, fusion, text_encoder, video_vae, audio_decoder)
+
+    # -------------------------------------------------------------------------------------- requests
+    def resolve(self, request: GenerationRequest) -> ResolvedRequest:
+        """Validates the request and fills in the variant's defaults; raises InvalidInput."""
+        defaults = self.cfg.sampling
+        validate_prompt(request.prompt)
+        steps = defaults.steps if request.steps is None else request.steps
+        if not 1 <= steps <= 1000:
+            raise InvalidInput("steps", f"must be between 1 and 1000, got {steps}")
+        solver = request.solver or defaults.solver
+        if solver not in SOLVERS:
+            raise InvalidInput("solver", f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
+        slg_layer = defaults.slg_layer if request.slg_layer is None else request.slg_layer
+        if not 0 <= slg_layer < self.cfg.video.num_layers:
+            raise InvalidInput(
+                "slg_layer", f"must be 0 (off) or a block index below {self.cfg.video.num_layers}"
+            )
+        seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
+        if not 0 <= seed <= 2**63 - 1:
+            raise InvalidInput("seed", f"must be between 0 and {2**63 - 1}, got {seed}")
+        side = round(math.sqrt(self.cfg.video_area))
+        size = request.size or (side, side)
+        if min(size) < 1:
+            raise InvalidInput("size", f"width and height must be positive, got {size}")
+        return ResolvedRequest(
+            prompt=format_prompt(request.prompt, self.cfg.prompt_style),
+            image=request.image,
+            size=size,
+            steps=steps,
+            seed=seed,
+            solver=solver,
+            shift=defaults.shift if request.shift is None else request.shift,
+            guidance=Guidance(
+                defaults.video_guidance_scale
+                if request.video_guidance_scale is None
+                else request.video_guidance_scale,
+                defaults.audio_guidance_scale
+                if request.audio_guidance_scale is None
+                else request.audio_guidance_scale,
+                slg_layer,
+            ),
+            video_negative_prompt=(
+                defaults.video_negative_prompt
+                if request.video_negative_prompt is None
+                else request.video_negative_prompt
+            ),
+            audio_negative_prompt=(
+                defaults.audio_negative_prompt
+                if request.audio_negative_prompt is None
+                else request.audio_negative_prompt
+            ),
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        request: GenerationRequest,
+        out_path: str | Path,
+        on_progress: ProgressCallback = ignore_progress,
+    ) -> Clip:
+        """Runs one generation and writes the MP4 to `out_path`.
+
+        Raises InvalidInput (bad prompt or image), errors.Cancelled (raised by `on_progress`), and
+        whatever the device raises (e.g. torch.OutOfMemoryError) for the caller to report.
+        """
+        req = self.resolve(request)
+        cfg, device, dtype = self.cfg, self.placement.device, self.placement.dtype
+        timings: dict[str, float] = {}
+
+        image_latent = None
+        if req.image is not None:
+            with _timed(device, timings, "encode_image"):
+                on_progress(Progress("encode_image", 0, 1))
+                first_frame = load_first_frame(req.image, cfg.video_area)  # [1, 3, 1, H, W]
+                with self._on_device(self.video_vae):
+                    image_latent = self.video_vae.encode(first_frame)[0].to(device, dtype)  # [48, 1, h, w]
+                on_progress(Progress("encode_image", 1, 1))
+            # the first frame was resized to the variant's area: its size is the video's
+            shape = generation_shape(
+                *first_frame.shape[-2:], cfg.video_latent_length, cfg.audio_latent_length
+            )
+        else:
+            width, height = req.size
+            if area_warning(height, width, cfg.video_area):
+                logger.warning(
+                    "requested %dx%d is more than 10%% off the %s model's area; snapping keeps its aspect",
+                    width,
+                    height,
+                    cfg.name,
+                )
+            shape = t2v_shape(height, width, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
+
+        with _timed(device, timings, "encode_text"):
+            on_progress(Progress("encode_text", 0, 1))
+            with self._on_device(self.text_encoder):
+                positive, video_negative, audio_negative = (
+                    c.to(device, dtype)
+                    for c in self.text_encoder.encode(
+                        [req.prompt, req.video_negative_prompt, req.audio_negative_prompt]
+                    )
+                )
+            on_progress(Progress("encode_text", 1, 1))
+
+        noise = initial_noise(shape.video_latent_shape, shape.audio_latent_shape, req.seed, device, dtype)
+        plan = make_plan(req.solver, req.steps, req.shift, req.guidance, device)
+        cond = Conditioning(positive, video_negative, audio_negative, image_latent)
+        with _timed(device, timings, "denoise"), self._on_device(self.fusion):
+            on_progress(Progress("denoise", 0, req.steps))
+            latents = denoise(
+                self.fusion,
+                noise,
+                cond,
+                plan,
+                lambda done, total: on_progress(Progress("denoise", done, total)),
+            )
+
+        with _timed(device, timings, "decode"):
+            on_progress(Progress("decode", 0, 2))
+            with self._on_device(self.video_vae):
+                video = self.video_vae.decode(latents.video[None])[0]  # [3, T, H, W] in [-1, 1]
+            on_progress(Progress("decode", 1, 2))
+            with self._on_device(self.audio_decoder):
+                waveform = self.audio_decoder.decode(latents.audio.T[None])[0]  # [N] at 16 kHz
+            on_progress(Progress("decode", 2, 2))
+
+        with _timed(device, timings, "mux"):
+            on_progress(Progress("mux", 0, 1))
+            path = write_mp4(
+                out_path,
+                video.float().cpu(),
+                waveform.float().cpu(),
+                fps=cfg.fps,
+                sample_rate=self.audio_decoder.sample_rate,
+            )
+            on_progress(Progress("mux", 1, 1))
+
+        num_frames = video.shape[1]
+        return Clip(
+            path=Path(path),
+            seed=req.seed,
+            width=shape.width + shape.width % 2,
+            height=shape.height + shape.height % 2,
+            num_frames=num_frames,
+            fps=cfg.fps,
+            duration_s=num_frames / cfg.fps,
+            timings=timings,
+        )
+
+    @contextmanager
+    def _on_device(self, module: nn.Module) -> Iterator[None]:
+        """ "model" offload: the module visits the device for its stage, then goes back to host memory."""
+        if self.placement.offload != "model":
+            yield
+            return
+        module.to(self.placement.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.placement.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+@contextmanager
+def _timed(device: torch.device, timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Seconds spent in a stage, with the device synchronised so queued kernels are counted."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync()
+        timings[stage] = time.perf_counter() - started

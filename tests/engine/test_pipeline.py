@@ -1,0 +1,124 @@
+"""OviPipeline on the tiny variant: request to MP4, defaults, seeds, progress, cancellation, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ovi_server.config import EngineConfig
+from ovi_server.engine.pipeline import OviPipeline
+from ovi_server.engine.request import GenerationRequest
+from ovi_server.errors import Cancelled, InvalidInput, WeightsError
+from ovi_server.media.mux import probe
+
+PROMPT = "A cat says <S>hello<E> Audio: purring"
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return OviPipeline.from_config(EngineConfig(variant="tiny"))
+
+
+def test_generate_writes_a_playable_mp4_and_reports_the_stages(pipeline, tmp_path):
+    events = []
+    clip = pipeline.generate(
+        GenerationRequest(PROMPT, size=(992, 512), seed=9), tmp_path / "a.mp4", events.append
+    )
+    info = probe(clip.path)
+    assert (info["video_codec"], info["pix_fmt"], info["fps"], info["audio_codec"]) == (
+        "h264",
+        "yuv420p",
+        24.0,
+        "aac",
+    )
+    # 992x512 snapped to the tiny model's 64*96 area keeps the landscape aspect
+    assert (info["width"], info["height"], info["num_frames"]) == (clip.width, clip.height, 9) == (96, 64, 9)
+    assert abs(info["audio_duration"] - info["video_duration"]) <= 1 / 24
+    assert clip.seed == 9
+    stages = [e.stage for e in events]
+    assert stages[0] == "encode_text" and stages[-1] == "mux"
+    assert [e.done for e in events if e.stage == "denoise"] == [0, 1, 2, 3, 4]
+    assert set(clip.timings) == {"encode_text", "denoise", "decode", "mux"}
+
+
+def test_same_seed_same_pixels_and_samples(pipeline, tmp_path, monkeypatch):
+    """Compared before encoding: x264's frame threads make the MP4 bytes vary run to run."""
+    import ovi_server.engine.pipeline as module
+
+    caught = []
+    real_write = module.write_mp4
+
+    def capture(path, video, audio, **kwargs):
+        caught.append((video.clone(), audio.clone()))
+        return real_write(path, video, audio, **kwargs)
+
+    monkeypatch.setattr(module, "write_mp4", capture)
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        pipeline.generate(GenerationRequest(PROMPT, seed=seed, steps=1), tmp_path / f"{name}.mp4")
+    (video_a, audio_a), (video_b, audio_b), (video_c, _) = caught
+    assert torch.equal(video_a, video_b) and torch.equal(audio_a, audio_b)
+    assert not torch.equal(video_a, video_c)
+    random_seed = pipeline.generate(GenerationRequest(PROMPT, steps=1), tmp_path / "d.mp4").seed
+    assert isinstance(random_seed, int) and random_seed >= 0
+
+
+def test_cancel_from_progress_stops_between_steps(pipeline, tmp_path):
+    seen = []
+
+    def cancel_after_two(event):
+        seen.append((event.stage, event.done))
+        if event.stage == "denoise" and event.done == 2:
+            raise Cancelled("cancelled")
+
+    with pytest.raises(Cancelled):
+        pipeline.generate(GenerationRequest(PROMPT, seed=1), tmp_path / "x.mp4", cancel_after_two)
+    assert ("denoise", 3) not in seen
+    assert not (tmp_path / "x.mp4").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_prompt_is_rejected_before_any_work(pipeline, tmp_path):
+    events = []
+    with pytest.raises(InvalidInput) as err:
+        pipeline.generate(GenerationRequest("A man says <S>hello"), tmp_path / "x.mp4", events.append)
+    assert err.value.field == "prompt"
+    assert err.value.msg == "<S> at character offset 11 is never closed; end the speech segment with <E>"
+    assert events == []
+
+
+def test_bad_image_is_an_invalid_input(pipeline, tmp_path):
+    with pytest.raises(InvalidInput) as err:
+        pipeline.generate(
+            GenerationRequest(PROMPT, image="data:image/png;base64,bm90IGFuIGltYWdl"), tmp_path / "x.mp4"
+        )
+    assert err.value.field == "image_url"
+
+
+def test_i2v_video_takes_the_image_aspect(pipeline, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 120), (200, 30, 30)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    clip = pipeline.generate(GenerationRequest(PROMPT, image=uri, seed=2, steps=2), tmp_path / "i.mp4")
+    assert clip.height > clip.width  # portrait image, portrait video
+    assert probe(clip.path)["num_frames"] == 9
+
+
+def test_real_variants_need_weights():
+    with pytest.raises(WeightsError, match="needs its checkpoints: pass --weights"):
+        OviPipeline.from_config(EngineConfig(variant="720x720_5s"))
+
+
+def test_request_defaults_come_from_the_variant(pipeline):
+    resolved = pipeline.resolve(GenerationRequest("A dog. Audio: barking"))
+    assert resolved.steps == 4 and resolved.solver == "unipc" and resolved.shift == 5.0
+    assert resolved.guidance.video_scale == 4.0 and resolved.guidance.audio_scale == 3.0
+    assert resolved.prompt == "A dog. <AUDCAP>barking<ENDAUDCAP>"  # tiny follows the 720x720 caption form
+    assert resolved.video_negative_prompt == "jitter, bad hands, blur, distortion"
+    with pytest.raises(InvalidInput, match="unknown solver"):
+        pipeline.resolve(GenerationRequest("A dog.", solver="ddim"))
+    assert torch.get_default_dtype() == torch.float32
