@@ -25,7 +25,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CRF = 18  # visually near-lossless; libx264's default 23 shows banding on smooth generated skies
+DEFAULT_CRF = 18  # near-transparent quality; the reference used libx264's default, 23 (smaller files)
 DEFAULT_PRESET = "medium"
 DEFAULT_AUDIO_BITRATE = 128_000
 
