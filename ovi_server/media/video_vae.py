@@ -150,6 +150,11 @@ class VideoVAE(nn.Module):
         return video.to(self.placement.dtype)
 
 
+def official_keys(config: VideoVAEConfig) -> set[str]:
+    """Every key of `Wan2.2_VAE.pth` for this config (built on the meta device: no memory)."""
+    return {official_name(key, config.num_res_blocks) for key in build_autoencoder(config).state_dict()}
+
+
 def load_video_vae(
     weights_path: str | Path, config: VideoVAEConfig, placement: Placement, tiling: bool = False
 ) -> VideoVAE:
@@ -157,8 +162,7 @@ def load_video_vae(
     autoencoder = build_autoencoder(config)
     official = read_state_dict(weights_path)
     # Checked in the official naming first, so an error names the keys as they are in the file.
-    expected = {official_name(key, config.num_res_blocks) for key in autoencoder.state_dict()}
-    check_keys(weights_path, expected, set(official), "video VAE (Wan2.2)")
+    check_keys(weights_path, official_keys(config), set(official), "video VAE (Wan2.2)")
     load_module(
         autoencoder, remap_official(dict(official)), placement, path=weights_path, what="video VAE (Wan2.2)"
     )

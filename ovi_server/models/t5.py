@@ -255,11 +255,13 @@ def load_umt5(weights_path: str | Path, config: T5Config, placement: Placement) 
     # Checked in the official naming first, so an error names the keys as they are in the file.
     check_keys(weights_path, official_keys(config), set(official), "text encoder (umt5)")
     umt5 = build_umt5(config)
+    # transformers holds the embedding twice (`shared`, `encoder.embed_tokens`, tied): detach the
+    # second so the one official table is converted and moved once, then share the module.
+    umt5.encoder.embed_tokens = None
     load_module(
         umt5, remap_official(dict(official)), placement, path=weights_path, what="text encoder (umt5)"
     )
-    # Assigning broke the tie between the two embedding entries; one table is enough.
-    umt5.encoder.embed_tokens.weight = umt5.shared.weight
+    umt5.encoder.embed_tokens = umt5.shared
     logger.info(
         "loaded text encoder from %s (%d layers, dim %d)", weights_path, config.num_layers, config.dim
     )
@@ -301,11 +303,8 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 
 
 def remap_official(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official umt5 keys -> `UMT5EncoderModel` keys. Unknown keys pass through (and fail the strict load).
-
-    transformers keeps the embedding twice (`shared`, `encoder.embed_tokens`, tied), so the one
-    official table fills both.
-    """
+    """Official umt5 keys -> `UMT5EncoderModel` keys, the embedding as `shared.weight` only
+    (`load_umt5` ties `encoder.embed_tokens` to it). Unknown keys pass through and fail the strict load."""
     out: dict[str, Tensor] = {}
     for key, tensor in sd.items():
         for pattern, target in _RENAMES:
@@ -313,6 +312,4 @@ def remap_official(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                 key = re.sub(pattern, target, key)
                 break
         out[key] = tensor
-    if "shared.weight" in out:
-        out["encoder.embed_tokens.weight"] = out["shared.weight"]
     return out
