@@ -38,10 +38,10 @@ STFT_EPS = 1e-9  # inside the magnitude's square root
 # Magnitude-preserving building blocks
 
 
-def pixel_norm(x: Tensor, eps: float, dim: int = 1) -> Tensor:
-    """`x / (eps + ‖x‖₂ / sqrt(n))` along `dim`: unit mean square per position (norm in float32)."""
+def pixel_norm(x: Tensor, eps: float, dim: int | tuple[int, ...] = 1) -> Tensor:
+    """`x / (eps + ‖x‖₂ / sqrt(n))` over `dim` (n values): unit mean square (norm in float32)."""
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    norm = eps + norm * (1.0 / x.shape[dim]) ** 0.5
+    norm = torch.add(eps, norm, alpha=(norm.numel() / x.numel()) ** 0.5)
     return x / norm.to(x.dtype)
 
 
@@ -76,8 +76,9 @@ def normalize_mp_weight(weight: Tensor, eps: float) -> Tensor:
     """
     weight = weight.float()
     fan_in = weight[0].numel()
-    norm = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.ndim)), keepdim=True)
-    return weight / (norm + eps * fan_in**0.5)
+    # Two divisions rather than one, in this order: it rounds exactly like the reference.
+    weight = pixel_norm(weight, eps, dim=tuple(range(1, weight.ndim)))
+    return weight / fan_in**0.5
 
 
 class ResBlock(nn.Module):
@@ -112,10 +113,10 @@ class AttnBlock(nn.Module):
         # qkv's output channels are interleaved: channel 3c + s holds q (s=0), k (1), v (2) of channel c.
         qkv = self.qkv(x).view(batch, channels, 3, length)
         qkv = pixel_norm(qkv, self.cfg.weight_norm_eps, dim=1)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, L, C]
+        q, k, v = (t.transpose(1, 2)[:, None] for t in qkv.unbind(2))  # each [B, 1, L, C]
         # Plain SDPA, not models/attention.py: one head of width 4*hidden_dim (1536) at latent rate
         # is beyond flash-attention's head sizes, and the DiT's backend choice should not apply here.
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2)  # [B, C, L]
         return mp_sum(x, self.proj_out(h), self.cfg)
 
 

@@ -77,7 +77,8 @@ class Snake(nn.Module):
         beta = alpha if self.beta is None else self.beta[None, :, None]
         if self.logscale:
             alpha, beta = alpha.exp(), beta.exp()
-        return x + torch.sin(x * alpha).pow(2) / (beta + SNAKE_EPS)
+        # Multiply by the reciprocal (not divide) to round exactly as the reference does.
+        return x + (1.0 / (beta + SNAKE_EPS)) * torch.sin(x * alpha).pow(2)
 
 
 class Upsample2x(nn.Module):
@@ -323,7 +324,8 @@ def remap_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             base = key.removesuffix("_g")
             g = tensor.float()
             v = state_dict[base + "_v"].float()
-            out[base] = g * (v / _norm_except_dim0(v))
+            # torch's own kernel (what weight_norm evaluates) rounds exactly like the reference.
+            out[base] = torch._weight_norm(v, g, 0)
         else:
             out[key] = tensor
     return out
