@@ -8,8 +8,8 @@ it claimed: success, invalid input (422), cancelled, or failed with a message th
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
-import random
 import tempfile
 import threading
 import time
@@ -93,7 +93,7 @@ class Worker:
         assert self.pipeline is not None and job.request is not None
         request = job.request
         if request.seed is None:
-            request = replace(request, seed=random.randint(0, MAX_SEED))
+            request = replace(request, seed=random_seed(job.id))
         request = replace(request, image=self._local_image(job, request.image))
         w, h = request.size or (0, 0)
         logger.info(
@@ -169,6 +169,12 @@ class Worker:
                 last_log = now
 
         return on_progress
+
+
+def random_seed(job_id: str) -> int:
+    """The seed for a request without one: random (job ids are UUID4s), but the same if the job is re-run
+    after a crash, so the re-run produces the video the first run would have."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & MAX_SEED
 
 
 def _infrastructure_failure(exc: Exception, request: GenerationRequest) -> JobFailure:

@@ -15,7 +15,7 @@ from ovi_server.jobs.files import LocalFiles
 from ovi_server.jobs.sqlite import SqliteJobStore
 from ovi_server.jobs.store import JobResult, JobStatus, NewJob, WebhookState
 from ovi_server.jobs.webhooks import WebhookSender, WebhookSigner
-from ovi_server.jobs.worker import Worker
+from ovi_server.jobs.worker import Worker, random_seed
 
 
 def test_uploads_are_one_time_and_keys_cannot_escape(tmp_path: Path):
@@ -81,3 +81,10 @@ def test_worker_throttles_progress_lines(tmp_path: Path):
     denoise = [line.message for line in store.logs(job.id) if line.message.startswith("denoise")]
     assert "denoise 50/50" in denoise and len(denoise) < 10
     assert files.local_path(done.result.file_key).read_bytes() == b"not really an mp4"
+
+
+def test_a_rerun_after_a_crash_gets_the_same_random_seed():
+    assert random_seed("4b1c0c9e-1f5c-4d8e-9f2a-0a1b2c3d4e5f") == random_seed(
+        "4b1c0c9e-1f5c-4d8e-9f2a-0a1b2c3d4e5f"
+    )
+    assert random_seed("a") != random_seed("b") and 0 <= random_seed("a") < 2**31
