@@ -18,9 +18,8 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Stre
 
 from ovi_server.api import schemas
 from ovi_server.api.auth import require_key, require_key_or_token
+from ovi_server.engine.request import GenerationRequest
 from ovi_server.jobs.store import (
-    FailureKind,
-    FieldError,
     Job,
     JobFailure,
     JobStatus,
@@ -64,37 +63,27 @@ def _wants_logs(value: str | None) -> bool:
     return (value or "").lower() in ("1", "true", "yes")
 
 
-async def _read_input(request: Request, app: str) -> tuple[Any, JobFailure | None]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw or b"null")
-    except ValueError as exc:
-        msg = f"JSON decode error: {exc}"
-        return None, JobFailure(FailureKind.INVALID_INPUT, msg, (FieldError(("body",), msg, "json_invalid"),))
-    generation = schemas.to_generation_request(app, body)
-    return generation, generation if isinstance(generation, JobFailure) else None
+async def _read_input(request: Request, app: str) -> tuple[GenerationRequest | None, JobFailure | None]:
+    generation = schemas.to_generation_request(app, await request.body())
+    if isinstance(generation, JobFailure):
+        return None, generation
+    return generation, None
 
 
-def _new_job(request: Request, app: str, owner: str, generation: Any, failure: JobFailure | None) -> NewJob:
-    timeout = request.headers.get("x-fal-request-timeout")
+def _new_job(
+    request: Request, app: str, owner: str, generation: GenerationRequest | None, failure: JobFailure | None
+) -> NewJob:
     priority = request.headers.get("x-fal-queue-priority", "normal").lower()
     return NewJob(
         app=app,
-        request=None if failure else generation,
+        request=generation,
         owner=owner,
         base_url=base_url(request),
         priority=Priority.LOW if priority == "low" else Priority.NORMAL,
         webhook_url=request.query_params.get("fal_webhook") or None,
-        start_deadline=time.time() + float(timeout) if _is_number(timeout) else None,
+        start_deadline=schemas.start_deadline(request.headers.get("x-fal-request-timeout"), time.time()),
         failure=failure,
     )
-
-
-def _is_number(value: str | None) -> bool:
-    try:
-        return value is not None and float(value) > 0
-    except ValueError:
-        return False
 
 
 # -- submit ------------------------------------------------------------------------------------------

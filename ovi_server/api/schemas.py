@@ -8,6 +8,7 @@ records into fal's status, result and webhook bodies (spec: shared/specs/fal-que
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -77,24 +78,17 @@ FAL_FIELD = {
 }
 
 
-def to_generation_request(app: str, body: Any) -> GenerationRequest | JobFailure:
-    """A fal request body → our request, or the 422 failure (stored; the result replays it)."""
-    model = INPUT_MODELS[app]
-    if not isinstance(body, dict):
-        msg = "Input should be a valid dictionary or object to extract fields from"
-        return JobFailure(
-            FailureKind.INVALID_INPUT, msg, (FieldError(("body",), msg, "model_attributes_type"),)
-        )
+def to_generation_request(app: str, body: bytes) -> GenerationRequest | JobFailure:
+    """A fal request body (raw JSON) → our request, or the 422 failure (stored; the result replays it)."""
     try:
-        fal = model.model_validate(body)
+        fal = INPUT_MODELS[app].model_validate_json(body or b"null")
     except ValidationError as exc:
         errors = tuple(
             FieldError(("body", *e["loc"]), e["msg"], e["type"], _plain_ctx(e.get("ctx")))
             for e in exc.errors()
         )
-        return JobFailure(
-            FailureKind.INVALID_INPUT, "; ".join(f"{e.loc[-1]}: {e.msg}" for e in errors), errors
-        )
+        summary = "; ".join(f"{e.loc[-1]}: {e.msg}" for e in errors)
+        return JobFailure(FailureKind.INVALID_INPUT, summary, errors)
     image = getattr(fal, "image_url", None)
     if image is not None and not image.startswith(("http://", "https://", "data:")):
         msg = f"expected an http(s) URL or a data: URI, got {image[:40]!r}"
@@ -111,6 +105,15 @@ def to_generation_request(app: str, body: Any) -> GenerationRequest | JobFailure
         video_negative_prompt=fal.negative_prompt,
         audio_negative_prompt=fal.audio_negative_prompt,
     )
+
+
+def start_deadline(header: str | None, now: float) -> float | None:
+    """`x-fal-request-timeout: <seconds>` → the unix time by which the request must start (None: no limit)."""
+    if header is None or not re.fullmatch(r"\s*\d+(\.\d*)?\s*", header):
+        return (
+            None  # clients validate it (> 1 s); a malformed value is ignored rather than failing the submit
+        )
+    return now + float(header)
 
 
 def _plain_ctx(ctx: dict[str, Any] | None) -> dict[str, Any] | None:

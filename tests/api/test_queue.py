@@ -296,3 +296,25 @@ def test_metrics_and_health(client: TestClient):
     assert "ovi_denoise_step_seconds_count 2.0" in text and "ovi_request_seconds_count" in text
     health = client.get("/health", headers={"Authorization": ""})
     assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(("raw", "kind"), [(b"not json", "json_invalid"), (b"[1, 2]", "model_type")])
+def test_a_body_that_is_not_a_json_object_is_a_422(client: TestClient, raw: bytes, kind: str):
+    response = client.post(T2V, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    result = client.get(f"{T2V}/requests/{response.json()['request_id']}")
+    assert result.status_code == 422 and result.json()["detail"][0]["type"] == kind
+
+
+def test_fal_request_headers_are_accepted(client: TestClient):
+    headers = {
+        "x-fal-queue-priority": "normal",
+        "x-fal-runner-hint": "anything",
+        "x-fal-request-timeout": "30",
+        "x-fal-object-lifecycle-preference": '{"expiration_duration_seconds": 600}',
+        "X-Fal-Store-IO": "0",
+        "x-fal-no-retry": "1",
+    }
+    rid = submit(client, {"prompt": "p", "num_inference_steps": 1}, headers=headers)
+    wait_completed(client, rid)
+    assert client.get(f"{T2V}/requests/{rid}").status_code == 200
