@@ -134,7 +134,8 @@ class OviPipeline:
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         """Validates the request and fills in the variant's defaults; raises InvalidInput."""
         defaults = self.cfg.sampling
-        validate_prompt(request.prompt)
+        for warning in validate_prompt(request.prompt).warnings:
+            logger.warning("prompt: %s", warning)
         steps = defaults.steps if request.steps is None else request.steps
         if not 1 <= steps <= 1000:
             raise InvalidInput("steps", f"must be between 1 and 1000, got {steps}")
@@ -202,7 +203,10 @@ class OviPipeline:
         if req.image is not None:
             with _timed(device, timings, "encode_image"):
                 on_progress(Progress("encode_image", 0, 1))
-                first_frame = load_first_frame(req.image, cfg.video_area)  # [1, 3, 1, H, W]
+                # request input: URLs and data URIs only (the CLI turns a path into a data URI)
+                first_frame = load_first_frame(
+                    req.image, cfg.video_area, allow_paths=False
+                )  # [1, 3, 1, H, W]
                 with self._on_device(self.video_vae):
                     image_latent = self.video_vae.encode(first_frame)[0].to(device, dtype)  # [48, 1, h, w]
                 on_progress(Progress("encode_image", 1, 1))

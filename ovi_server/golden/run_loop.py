@@ -12,6 +12,7 @@ from ovi_server.engine.device import CPU_FP32
 from ovi_server.engine.sampler import Conditioning, Guidance, denoise, initial_noise, make_plan
 from ovi_server.engine.solvers import Solver
 from ovi_server.golden.cases import CaseResult, Comparison, GoldenCase
+from ovi_server.media.images import image_to_first_frame
 from ovi_server.models.fusion import OviFusion, load_fusion
 from ovi_server.prompt import format_prompt
 from ovi_server.shapes import snap_hw_to_multiple_of_32
@@ -108,8 +109,10 @@ def run_case(case: GoldenCase) -> CaseResult:
     for name in case.spec.get("outputs", {}):
         if name in ("video_noise_init", "audio_noise_init"):
             continue
-        if name == "first_frame":
-            continue  # checked by the media golden of the image loader
+        if name == "first_frame":  # the i2v image preprocessing the pipeline runs before the VAE
+            first_frame = image_to_first_frame(tensors["image_uint8_hwc"].numpy(), int(cfg["target_area"]))
+            cmp.tensor(name, first_frame, tensors[name])
+            continue
         if name not in produced:
             cmp.failures.append(f"{name}: not produced")
             continue
