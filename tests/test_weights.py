@@ -109,3 +109,38 @@ def test_download_asks_huggingface_hub_for_the_official_repos(tmp_path):
 def test_download_that_leaves_a_file_missing_is_an_error(tmp_path):
     with pytest.raises(WeightsError, match="still missing: Ovi/model.safetensors"):
         weights.download(tmp_path, TINY, snapshot_download=lambda **kw: kw["local_dir"])
+
+
+def test_check_reads_every_official_file_of_a_complete_directory(tmp_path):
+    """The golden tiny files, saved in the official formats and layout, pass every key check."""
+    import torch
+
+    _tiny_fusion_file(tmp_path)
+    files = {wf.component: tmp_path / wf.path for wf in weights.required_files(TINY)}
+    t5_case, vae_case, audio_case = (
+        golden_cases("t5")[0],
+        golden_cases("wan_vae")[0],
+        golden_cases("mmaudio")[0],
+    )
+    for component, source in (("t5", t5_case.weight_path()), ("video_vae", vae_case.weight_path())):
+        files[component].parent.mkdir(parents=True, exist_ok=True)
+        torch.save(load_file(str(source)), files[component])
+    audio_dir = audio_case.folder
+    files["audio_vae"].parent.mkdir(parents=True, exist_ok=True)
+    torch.save(load_file(str(audio_dir / "mmaudio_vae_tiny.safetensors")), files["audio_vae"])
+    flat = load_file(str(audio_dir / "bigvgan_tiny.safetensors"))
+    torch.save({"generator": {k.removeprefix("generator."): v for k, v in flat.items()}}, files["vocoder"])
+    files["tokenizer"].mkdir(parents=True)
+    shutil.copy(t5_case.folder / "tiny_spiece.model", files["tokenizer"] / "spiece.model")
+
+    reports = weights.check(tmp_path, TINY)
+    assert all(r.present for r in reports), [r.line() for r in reports]
+    assert [r.file.component for r in reports if r.keys_ok is not True] == [
+        "tokenizer"
+    ]  # a folder: presence only
+
+    state = torch.load(files["video_vae"], weights_only=True)
+    state.pop(next(iter(state)))
+    torch.save(state, files["video_vae"])
+    bad = {r.file.component: r for r in weights.check(tmp_path, TINY)}["video_vae"]
+    assert bad.keys_ok is False and "1 keys missing" in bad.problem and "Wan2.2_VAE.pth" in bad.problem
