@@ -212,6 +212,13 @@ class SqliteJobStore:
             raise
         return before
 
+    def release(self, job_id: str) -> None:
+        self._conn().execute(
+            "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(attempts - 1, 0)"
+            " WHERE id = ? AND status = 'running'",
+            (job_id,),
+        )
+
     def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
         conn = self._conn()
         requeued: list[str] = []

@@ -150,6 +150,10 @@ class JobStore(Protocol):
         """Returns the status before the call. QUEUED: cancelled now; RUNNING: flagged for the worker."""
         ...
 
+    def release(self, job_id: str) -> None:
+        """Put a RUNNING job back at the head of the queue without counting the attempt (clean shutdown)."""
+        ...
+
     def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
         """At start-up: re-queue jobs left RUNNING by a dead server, or fail those out of attempts.
 

@@ -30,6 +30,10 @@ LOG_EVERY_S = 1.0  # at most one "denoise i/n" line per second per job (the last
 MAX_SEED = 2**31 - 1
 
 
+class _ShuttingDown(Exception):
+    """Raised from the progress callback when the server stops: the job goes back to the queue."""
+
+
 class Pipeline(Protocol):
     def generate(self, request: GenerationRequest, out_path: Path, on_progress: ProgressCallback) -> Clip: ...
 
@@ -109,6 +113,11 @@ class Worker:
                 clip = self.pipeline.generate(request, Path(tmp) / "output.mp4", self._progress(job))
                 key = f"outputs/{job.id}/output.mp4"
                 size = self.files.put_file(key, clip.path, "video/mp4")
+            except _ShuttingDown:
+                self.store.release(job.id)
+                self.store.append_log(job.id, "server shutting down; queued again", "WARN")
+                logger.info("job %s put back in the queue: shutting down", job.id)
+                return
             except Cancelled:
                 failure = JobFailure(FailureKind.CANCELLED, "Request was cancelled")
             except InvalidInput as exc:
@@ -162,6 +171,8 @@ class Worker:
             if progress.stage == "denoise" and progress.done > 0 and self.metrics is not None:
                 self.metrics.step_seconds.observe(now - last_step)
             last_step = now
+            if self._stop.is_set():
+                raise _ShuttingDown(job.id)
             if self.store.get(job.id).cancel_requested:
                 raise Cancelled(f"job {job.id} cancelled")
             if progress.done == progress.total or progress.done == 0 or now - last_log >= LOG_EVERY_S:

@@ -7,6 +7,7 @@ finishes, the queued ones run, a cancelled one stays cancelled, an invalid one k
 from __future__ import annotations
 
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 
@@ -30,21 +31,30 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def running_ids(server: LiveServer) -> set[str]:
+    """Read the dead server's store directly: which requests were running when it died."""
+    with sqlite3.connect(server.data_dir / "jobs.sqlite3") as db:
+        return {row[0] for row in db.execute("SELECT id FROM jobs WHERE status = 'running'")}
+
+
 def test_sigkill_mid_job_then_restart(server: LiveServer):
     with server.client() as http:
         submit = lambda body: http.post(T2V, json=body).json()["request_id"]  # noqa: E731
-        running = submit({"prompt": "long one", "num_inference_steps": 50, "seed": 1})
+        # Back-to-back long jobs, so one is running whenever the kill lands (tiny runs 50 steps in ~1 s).
+        long = [submit({"prompt": f"long {i}", "num_inference_steps": 50, "seed": i}) for i in range(4)]
         queued = [submit({"prompt": f"queued {i}", "num_inference_steps": 2}) for i in range(2)]
         cancelled = submit({"prompt": "cancelled", "num_inference_steps": 2})
         invalid = submit({"prompt": "bad", "num_inference_steps": 0})
         assert http.put(f"{T2V}/requests/{cancelled}/cancel").status_code == 202
 
         def denoising() -> bool:
-            logs = http.get(f"{T2V}/requests/{running}/status", params={"logs": 1}).json()["logs"] or []
+            logs = http.get(f"{T2V}/requests/{long[0]}/status", params={"logs": 1}).json()["logs"] or []
             return any(line["message"].startswith("denoise") for line in logs)
 
-        wait_for(denoising, 60, "the long job never started denoising")
+        wait_for(denoising, 60, "the first job never started denoising")
     server.stop(signal.SIGKILL)
+    interrupted = running_ids(server)
+    assert len(interrupted) == 1, "expected the kill to land while a job ran"
 
     server.start()
     with server.client() as http:
@@ -52,15 +62,17 @@ def test_sigkill_mid_job_then_restart(server: LiveServer):
         def status(rid: str) -> dict:
             return http.get(f"{T2V}/requests/{rid}/status", params={"logs": 1}).json()
 
-        every = [running, *queued, cancelled, invalid]
+        every = [*long, *queued, cancelled, invalid]
         wait_for(lambda: all(status(r)["status"] == "COMPLETED" for r in every), 180, "jobs did not complete")
 
-        requeued = status(running)
-        assert any("queued again" in line["message"] for line in requeued["logs"])
-        for rid in (running, *queued):
+        for rid in interrupted:
+            assert any("queued again" in line["message"] for line in status(rid)["logs"])
+        for seed, rid in enumerate(long):
             result = http.get(f"{T2V}/requests/{rid}")
             assert result.status_code == 200, result.text
+            assert result.json()["seed"] == seed
             check_mp4(result.json()["video"]["url"])
-        assert http.get(f"{T2V}/requests/{running}").json()["seed"] == 1
+        for rid in queued:
+            assert http.get(f"{T2V}/requests/{rid}").status_code == 200
         assert http.get(f"{T2V}/requests/{cancelled}").json()["error_type"] == "request_cancelled"
         assert http.get(f"{T2V}/requests/{invalid}").status_code == 422

@@ -88,3 +88,27 @@ def test_a_rerun_after_a_crash_gets_the_same_random_seed():
         "4b1c0c9e-1f5c-4d8e-9f2a-0a1b2c3d4e5f"
     )
     assert random_seed("a") != random_seed("b") and 0 <= random_seed("a") < 2**31
+
+
+class StoppingPipeline:
+    """Stops the worker during the first step, as a SIGTERM would."""
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+
+    def generate(self, request: GenerationRequest, out_path: Path, on_progress: ProgressCallback) -> Clip:
+        assert self.worker is not None
+        self.worker._stop.set()
+        on_progress(Progress("denoise", 1, 2))
+        raise AssertionError("the worker should have stopped the job")
+
+
+def test_a_clean_shutdown_puts_the_running_job_back_without_counting_it(tmp_path: Path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    job = store.submit(NewJob(app="fal-ai/ovi", request=GenerationRequest(prompt="p", steps=2)))
+    pipeline = StoppingPipeline()
+    pipeline.worker = Worker(EngineConfig(), store, LocalFiles(tmp_path / "files"), pipeline=pipeline)
+    assert pipeline.worker.run_once()
+    again = store.get(job.id)
+    assert again.status is JobStatus.QUEUED and again.attempts == 0
+    assert store.logs(job.id)[-1].message == "server shutting down; queued again"
