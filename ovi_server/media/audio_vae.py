@@ -71,8 +71,8 @@ class MPConv1d(nn.Module):
 def normalize_mp_weight(weight: Tensor, eps: float) -> Tensor:
     """Raw checkpoint weight [out, in, k] -> `W / (‖W_o‖₂ + eps·sqrt(in·k))`, computed in float32.
 
-    This is EDM2's forced weight normalisation (unit norm per output channel) followed by the
-    1/sqrt(fan_in) of a magnitude-preserving layer, written as one division.
+    This is EDM2's forced weight normalisation (unit norm per output channel, eps-guarded like
+    `pixel_norm`) followed by the 1/sqrt(fan_in) of a magnitude-preserving layer.
     """
     weight = weight.float()
     fan_in = weight[0].numel()
