@@ -128,10 +128,10 @@ async def submit_image_to_video(request: Request, owner: str = Depends(require_k
 # -- status, result, cancel (under fal-ai/ovi for both apps; also accepted under the sub-path) ---------
 
 
-def _status(request: Request, job: Job, logs: bool, after_seq: int = 0) -> dict[str, Any]:
+def _status(request: Request, job: Job, logs: bool) -> dict[str, Any]:
     store = _store(request)
     position = store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
-    lines = store.logs(job.id, after_seq) if logs else None
+    lines = store.logs(job.id) if logs else None
     return schemas.status_body(job, base_url(request), position, lines)
 
 
@@ -144,18 +144,19 @@ async def get_status(request: Request, request_id: str, logs: str | None = None)
 async def stream_status(request: Request, request_id: str, logs: str | None = None) -> StreamingResponse:
     store = _store(request)
     job = store.get(request_id)  # 404 before the stream starts
-    with_logs = _wants_logs(logs)
+    with_logs, base = _wants_logs(logs), base_url(request)
 
     async def events() -> AsyncIterator[str]:
         last_seq, last_sent, last_write = 0, None, time.monotonic()
         while True:
             current = store.get(request_id)
-            body = _status(request, current, with_logs, last_seq)
-            new_lines = body["logs"] or []
-            fingerprint = (body["status"], body.get("queue_position"))
+            position = store.queue_position(request_id) if current.status is JobStatus.QUEUED else None
+            new_lines = store.logs(request_id, last_seq) if with_logs else []
+            fingerprint = (current.status, position)
             if new_lines or fingerprint != last_sent:
-                if new_lines:
-                    last_seq = store.logs(request_id, last_seq)[len(new_lines) - 1].seq
+                # Each event carries only the lines not sent yet; the JS client accumulates them.
+                body = schemas.status_body(current, base, position, new_lines if with_logs else None)
+                last_seq = new_lines[-1].seq if new_lines else last_seq
                 yield f"data: {json.dumps(body)}\n\n"
                 last_sent, last_write = fingerprint, time.monotonic()
             if current.status.finished:
