@@ -188,6 +188,7 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit("--tls-cert and --tls-key go together")
     logger.info("config %s", config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(config.data_dir)  # noqa: F841 -- held until the process exits
     store = SqliteJobStore(config.data_dir / "jobs.sqlite3")
     requeued, failed = store.recover(config.max_attempts)
     if requeued or failed:
@@ -224,6 +225,21 @@ def serve(args: argparse.Namespace) -> int:
             worker.stop()
         store.close()
     return 0
+
+
+def _lock_data_dir(data_dir: Path) -> object:
+    """One server per data dir: at start-up it re-queues every job left running, which is only right if
+    no other live process runs them. The lock goes away with the process, also on SIGKILL."""
+    import fcntl
+
+    handle = open(data_dir / "server.lock", "w")  # noqa: SIM115 -- kept open for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(
+            f"another ovi-server is using {data_dir}; stop it or give this one its own --data-dir"
+        ) from None
+    return handle
 
 
 async def _serve_all(servers: list) -> None:

@@ -220,6 +220,15 @@ class SqliteJobStore:
         )
 
     def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Called once at start-up, before the worker runs, by the only server on this data dir (cli.py
+        holds a lock), so every RUNNING row is an orphan of a dead process.
+
+        Orphans are re-queued rather than failed: a generation has no side effects and re-runs with the
+        same seed, so running it again is what the caller wants, and a deploy or crash does not turn
+        accepted requests into errors. But a request that was running during `max_attempts` deaths is
+        failed with a reason: it may be what kills the server (host OOM), and retrying it forever would
+        take every request behind it down too.
+        """
         conn = self._conn()
         requeued: list[str] = []
         failed: list[str] = []

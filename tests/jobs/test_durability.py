@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
-from clients.live import LiveServer, check_mp4, start_server
+from clients.live import REPO, LiveServer, check_mp4, start_server
 
 T2V = "/fal-ai/ovi"
 
@@ -76,3 +78,9 @@ def test_sigkill_mid_job_then_restart(server: LiveServer):
             assert http.get(f"{T2V}/requests/{rid}").status_code == 200
         assert http.get(f"{T2V}/requests/{cancelled}").json()["error_type"] == "request_cancelled"
         assert http.get(f"{T2V}/requests/{invalid}").status_code == 422
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(server: LiveServer):
+    cmd = [sys.executable, "-m", "ovi_server.cli", "serve", "--data-dir", str(server.data_dir), "--port", "0"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "another ovi-server is using" in done.stderr
