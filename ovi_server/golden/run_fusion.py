@@ -5,18 +5,19 @@ from __future__ import annotations
 import torch
 
 from ovi_server.config import dit_config
-from ovi_server.engine.device import CPU_FP32
+from ovi_server.engine.device import CPU_FP32, Placement
 from ovi_server.golden.cases import CaseResult, Comparison, GoldenCase
 from ovi_server.models.fusion import load_fusion
 from ovi_server.models.wan_dit import Tokens
 
 
-def run_case(case: GoldenCase) -> CaseResult:
+def run_case(case: GoldenCase, placement: Placement = CPU_FP32) -> CaseResult:
+    """The case through our loader and model on `placement` (CPU float32 by default, as the reference ran)."""
     cfg = case.config
     video_cfg = dit_config(cfg["video"], f"{case.name}:video")
     audio_cfg = dit_config(cfg["audio"], f"{case.name}:audio")
-    model = load_fusion(case.weight_path(), video_cfg, audio_cfg, CPU_FP32)
-    tensors = case.tensors
+    model = load_fusion(case.weight_path(), video_cfg, audio_cfg, placement)
+    tensors = {k: v.to(placement.device) for k, v in case.tensors.items()}
     batch = int(cfg.get("batch", 1))
     pick = lambda prefix: [tensors[f"{prefix}_{b}"] for b in range(batch)]  # noqa: E731
 
@@ -66,5 +67,5 @@ def run_case(case: GoldenCase) -> CaseResult:
     for name in missing:
         cmp.failures.append(f"{name}: not produced")
     for name in expected:
-        cmp.tensor(name, seen[name], tensors[name])
+        cmp.tensor(name, seen[name], case.tensors[name])
     return cmp.result(case)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from ovi_server.config import SamplingDefaults, dit_config
-from ovi_server.engine.device import CPU_FP32
-from ovi_server.engine.sampler import Conditioning, Guidance, denoise, initial_noise, make_plan
+from ovi_server.engine.device import CPU_FP32, Placement
+from ovi_server.engine.sampler import Conditioning, Guidance, Latents, denoise, initial_noise, make_plan
 from ovi_server.engine.solvers import Solver
 from ovi_server.golden.cases import CaseResult, Comparison, GoldenCase
 from ovi_server.media.images import image_to_first_frame
@@ -48,7 +48,8 @@ class _RecordingSolver(Solver):
         return out
 
 
-def run_case(case: GoldenCase) -> CaseResult:
+def run_case(case: GoldenCase, placement: Placement = CPU_FP32) -> CaseResult:
+    """The case through our loader and model on `placement` (CPU float32 by default, as the reference ran)."""
     cfg, tensors = case.config, case.tensors
     cmp = Comparison(case.tolerance)
     defaults = SamplingDefaults()
@@ -69,7 +70,7 @@ def run_case(case: GoldenCase) -> CaseResult:
         case.weight_path(),
         dit_config(cfg["fusion_video"], f"{case.name}:video"),
         dit_config(cfg["fusion_audio"], f"{case.name}:audio"),
-        CPU_FP32,
+        placement,
     )
     image_latent = None
     if cfg["mode"] == "i2v":
@@ -89,17 +90,20 @@ def run_case(case: GoldenCase) -> CaseResult:
     )
     cmp.tensor("video_noise_init", noise.video, tensors["video_noise_init"])
     cmp.tensor("audio_noise_init", noise.audio, tensors["audio_noise_init"])
+    # the reference drew the noise on the CPU; other devices start from the same numbers
+    device = placement.device
+    noise = Latents(noise.video.to(device, placement.dtype), noise.audio.to(device, placement.dtype))
 
     record: dict[str, list[Tensor]] = defaultdict(list)
     guidance = Guidance(cfg["video_guidance_scale"], cfg["audio_guidance_scale"], int(cfg["slg_layer"]))
-    plan = make_plan(cfg["solver"], int(cfg["steps"]), float(cfg["shift"]), guidance, torch.device("cpu"))
+    plan = make_plan(cfg["solver"], int(cfg["steps"]), float(cfg["shift"]), guidance, device)
     plan.video_solver = _RecordingSolver(plan.video_solver, record["latent_video_after_step"])
     plan.audio_solver = _RecordingSolver(plan.audio_solver, record["latent_audio_after_step"])
     cond = Conditioning(
-        positive=tensors["video_context_pos"],
-        video_negative=tensors["video_context_neg"],
-        audio_negative=tensors["audio_context_neg"],
-        image_latent=image_latent,
+        positive=tensors["video_context_pos"].to(device),
+        video_negative=tensors["video_context_neg"].to(device),
+        audio_negative=tensors["audio_context_neg"].to(device),
+        image_latent=None if image_latent is None else image_latent.to(device),
     )
     final = denoise(_RecordingModel(model, record), noise, cond, plan)  # type: ignore[arg-type]
 
