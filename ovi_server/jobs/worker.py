@@ -82,7 +82,12 @@ class Worker:
             logger.info("pipeline ready in %.1fs", time.perf_counter() - started)
         self.ready.set()
         while not self._stop.is_set():
-            if not self.run_once():
+            try:
+                busy = self.run_once()
+            except Exception:  # noqa: BLE001 -- e.g. the store is briefly unwritable: keep serving
+                logger.exception("worker: unexpected error outside a generation; going on")
+                busy = False
+            if not busy:
                 self._stop.wait(self.poll_s)
 
     def run_once(self) -> bool:
