@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 
 from ovi_server.api import schemas
@@ -35,6 +35,7 @@ authed = [Depends(require_key)]
 SSE_POLL_S = 0.25
 SSE_PING_S = 15.0
 RUN_POLL_S = 0.25
+MAX_UPLOAD_BYTES = 90 << 20
 
 
 def base_url(request: Request) -> str:
@@ -271,8 +272,22 @@ async def upload_initiate(request: Request, body: schemas.UploadInitiate) -> dic
 async def upload_put(request: Request, key: str) -> dict[str, Any]:
     """Step 2: the bytes. No API key (the JS client sends none); the key is a one-time random name."""
     files = request.app.state.files
-    size = files.write_upload(key, iter([await request.body()]), request.headers.get("content-type"))
+    size = files.write_upload(key, iter([await _upload_body(request)]), request.headers.get("content-type"))
     return {"status": "ok", "file_size": size}
+
+
+async def _upload_body(request: Request) -> bytes:
+    """The request body, refused with 413 beyond MAX_UPLOAD_BYTES (single-part uploads; fal's JS client
+    switches to multipart above 90 MB, which this server does not offer)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+        raise HTTPException(413, f"upload of {declared} bytes is over the {MAX_UPLOAD_BYTES >> 20} MB limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload is over the {MAX_UPLOAD_BYTES >> 20} MB limit")
+    return bytes(body)
 
 
 @router.post("/storage/auth/token", tags=["storage"])
@@ -289,7 +304,7 @@ async def upload_file(request: Request) -> dict[str, str]:
     files = request.app.state.files
     content_type = request.headers.get("content-type", "application/octet-stream")
     key = files.reserve_upload(request.headers.get("x-fal-file-name", ""), content_type)
-    files.write_upload(key, iter([await request.body()]), content_type)
+    files.write_upload(key, iter([await _upload_body(request)]), content_type)
     return {"access_url": f"{base_url(request)}/files/{key}"}
 
 

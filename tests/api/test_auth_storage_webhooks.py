@@ -189,3 +189,14 @@ def test_webhook_for_an_invalid_request_reports_the_422(client: TestClient, rece
     assert payload["request_id"] == rid and payload["status"] == "ERROR"
     assert payload["error"] == "Invalid status code: 422"
     assert payload["payload"]["detail"][0]["loc"] == ["body", "num_inference_steps"]
+
+
+def test_oversized_upload_is_413(client: TestClient, monkeypatch: pytest.MonkeyPatch):
+    from ovi_server.api import routes
+
+    monkeypatch.setattr(routes, "MAX_UPLOAD_BYTES", 10)
+    urls = client.post(
+        "/storage/upload/initiate", json={"content_type": "image/png", "file_name": "a.png"}
+    ).json()
+    response = client.put(urls["upload_url"], content=b"x" * 11, headers=NO_AUTH)
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
