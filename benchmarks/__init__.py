@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run --help`; figures and how they were taken in RESULTS.md."""

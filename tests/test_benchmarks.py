@@ -1,0 +1,56 @@
+"""Smoke test of the benchmark harness on the tiny variant: it runs and reports every stage (no timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_every_stage(tmp_path):
+    out = tmp_path / "tiny.json"
+    done = run_bench(
+        "--variant", "tiny", "--device", "cpu", "--steps", "2", "--checkpoint-load", "--json", str(out)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["stages"]) == {
+        "build",
+        "encode_text",
+        "denoise_step",
+        "denoise",
+        "decode_video",
+        "decode_audio",
+        "mux",
+        "end_to_end",
+    }
+    assert report["stages"]["denoise_step"]["n"] == 1  # 2 steps, the first is the warm-up
+    assert {"mean_s", "p50_s", "p90_s", "warmup_s"} <= set(report["stages"]["denoise_step"])
+    assert report["memory"]["kind"] == "rss" and report["memory"]["peak_gb"] > 0
+    assert report["checkpoint_load"]["params"] > 0 and report["checkpoint_load"]["peak_rss_gb"] > 0
+    assert report["random_weights"] is True and report["environment"]["git_sha"]
+    # the one JSON line STYLE.md §11 asks for is the last line printed without --reference
+    assert json.loads(done.stdout.strip().splitlines()[-1])["variant"] == "tiny"
+
+
+def test_full_size_variant_on_cpu_is_refused_with_a_reason():
+    done = run_bench("--variant", "720x720_5s", "--device", "cpu", "--steps", "2")
+    assert done.returncode == 2
+    assert "too large for a CPU run" in done.stderr and "--device cuda" in done.stderr
