@@ -37,7 +37,11 @@ from ovi_server.shapes import area_warning, generation_shape, t2v_shape
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1  # fal and the reference take any int; torch seeds are 64-bit, we keep it printable
+MAX_SEED = 2**32 - 1
+# Frames larger than this decode tile by tile unless told otherwise (EngineConfig.vae_tiling).
+TILING_AREA = int(
+    720 * 720 * 1.1
+)  # fal and the reference take any int; torch seeds are 64-bit, we keep it printable
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,10 @@ class OviPipeline:
             audio_decoder = load_audio_decoder(
                 files["audio_vae"], files["vocoder"], cfg.audio_vae, cfg.vocoder, home
             )
+        if engine.vae_tiling == "on" or (
+            engine.vae_tiling == "auto" and (placement.offload != "none" or cfg.video_area > TILING_AREA)
+        ):
+            video_vae.set_tiling(True)
         fusion.set_attention_backend(placement.attention)
         if placement.offload == "block":
             from diffusers.hooks import apply_group_offloading
