@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     size = _parse_size(args.resolution) if args.resolution else None
     placement = resolve_placement(args.device, args.dtype)
     sync = _synchronizer(placement.device)
+    env = environment(placement.device)  # at the start: the sha and tree state of the code that runs
 
     with tempfile.TemporaryDirectory(prefix="ovi-bench-") as tmp:
         config_path = _random_weights_config(cfg, size, Path(tmp))
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         "audio": {"latent_shape": list(shape.audio_latent_shape)},
         "stages": {name: stages[name] for name in STAGES},
         "memory": memory,
-        "environment": environment(placement.device),
+        "environment": {**env, "load_average_end": os.getloadavg()},
         "command": " ".join(["python -m benchmarks.run", *args.argv]),
     }
     if checkpoint is not None:
@@ -476,9 +477,16 @@ def environment(device: torch.device) -> dict[str, Any]:
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git": _git("describe", "--always", "--dirty", "--abbrev=12"),
         "git_sha": _git("rev-parse", "HEAD"),
+        # uncommitted changes in the code under test (the engine may be edited while benchmarks run)
+        "dirty_files": [
+            line[3:]
+            for line in _git("status", "--porcelain").splitlines()
+            if line[3:].startswith(("ovi_server/", "configs/", "benchmarks/"))
+        ],
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg(),  # 1, 5, 15 min: the host may be shared
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -504,6 +512,10 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _loads(values: Sequence[float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values)
+
+
 def print_report(report: dict[str, Any]) -> None:
     video, stages = report["video"], report["stages"]
     print(
@@ -519,6 +531,10 @@ def print_report(report: dict[str, Any]) -> None:
         f"  {env['cpu']} ({env['cpu_count']} cpus, {env['torch_threads']} torch threads)"
         + (f", {env['gpu']}" if "gpu" in env else "")
         + f"; torch {env['torch']}, diffusers {env['diffusers']}; git {env['git']}; {env['date_utc']}"
+    )
+    print(
+        f"  load average {_loads(env['load_average_start'])} at the start, {_loads(env['load_average_end'])} "
+        f"at the end; uncommitted: {', '.join(env['dirty_files']) or 'none'}"
     )
     print(f"{'stage':<16}{'mean_s':>10}{'p50_s':>10}{'p90_s':>10}{'n':>4}")
     for name in STAGES:
