@@ -247,6 +247,9 @@ class EngineConfig:
     offload: Literal["none", "model", "block"] = "none"
     fp8: bool = False  # load the fp8 checkpoint and keep Linear weights in fp8 (low-VRAM mode)
     compile: bool = False  # torch.compile the fusion blocks
+    # Spatially tiled VAE decode: bounded memory, not bit-exact at tile seams. "auto": on when models
+    # are offloaded (low-memory mode) or frames are larger than the 720x720 area.
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
