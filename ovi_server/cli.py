@@ -181,6 +181,7 @@ def serve(args: argparse.Namespace) -> int:
     from ovi_server.api.app import build_app, build_files
     from ovi_server.jobs.metrics import Metrics
     from ovi_server.jobs.sqlite import SqliteJobStore
+    from ovi_server.jobs.worker import Worker, load_pipeline
 
     config = build_server_config(args)
     check_auth(config)
@@ -197,12 +198,9 @@ def serve(args: argparse.Namespace) -> int:
         )
     files = build_files(config)
     metrics = Metrics(store)
-    worker = None
-    if config.worker:
-        from ovi_server.jobs.worker import Worker, load_pipeline
-
-        worker = Worker(config.engine, store, files, metrics, pipeline=load_pipeline(config.engine))
-        worker.start()
+    # The worker runs in this process, as a thread: the model loads once, before the port opens.
+    worker = Worker(config.engine, store, files, metrics, pipeline=load_pipeline(config.engine))
+    worker.start()
     app = build_app(config, store, files, metrics)
 
     common = {"log_level": args.log_level.lower(), "timeout_graceful_shutdown": 5}
@@ -221,8 +219,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_serve_all(servers))
     finally:
-        if worker is not None:
-            worker.stop()
+        worker.stop()
         store.close()
     return 0
 

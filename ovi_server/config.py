@@ -277,4 +277,3 @@ class ServerConfig:
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
     s3_prefix: str = "ovi/"
-    worker: bool = True  # run the generation worker in the server process (a thread)
