@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -236,7 +237,9 @@ async def _run(request: Request, app: str, owner: str) -> JSONResponse:
         code, body, headers = schemas.failure_response(failure)
         return _json(body, code, **headers)
     store = _store(request)
-    job = store.submit(_new_job(request, app, owner, generation, None))
+    job = store.submit(
+        replace(_new_job(request, app, owner, generation, None), webhook_url=None)
+    )  # queue API only
     logger.info("job %s submitted (sync run) app=%s owner=%s", job.id, app, owner)
     while not job.status.finished:
         if await request.is_disconnected():
