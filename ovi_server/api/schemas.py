@@ -109,10 +109,9 @@ def to_generation_request(app: str, body: bytes) -> GenerationRequest | JobFailu
 
 def start_deadline(header: str | None, now: float) -> float | None:
     """`x-fal-request-timeout: <seconds>` → the unix time by which the request must start (None: no limit)."""
+    # Clients check the value (> 1 s); a malformed one is ignored rather than failing the submit.
     if header is None or not re.fullmatch(r"\s*\d+(\.\d*)?\s*", header):
-        return (
-            None  # clients validate it (> 1 s); a malformed value is ignored rather than failing the submit
-        )
+        return None
     return now + float(header)
 
 
