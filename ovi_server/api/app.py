@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,7 +53,7 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sender.start()
-        sweeper = asyncio.create_task(_sweep_outputs(files, config.output_retention_hours * 3600))
+        sweeper = asyncio.create_task(_sweep(store, files, config.output_retention_hours * 3600))
         yield
         sweeper.cancel()
         sender.stop()
@@ -85,9 +86,15 @@ def build_app(
     return app
 
 
-async def _sweep_outputs(files: FileStore, max_age_s: float) -> None:
+async def _sweep(store: JobStore, files: FileStore, max_age_s: float) -> None:
+    """Retention: outputs, uploads and finished job records older than `max_age_s` go, every 10 minutes."""
     while True:
         await asyncio.to_thread(files.delete_older_than, max_age_s)
+        forgotten = await asyncio.to_thread(store.delete_finished_before, time.time() - max_age_s)
+        if forgotten:
+            logger.info(
+                "retention: forgot %d finished requests older than %.1f h", forgotten, max_age_s / 3600
+            )
         await asyncio.sleep(RETENTION_SWEEP_S)
 
 

@@ -277,6 +277,24 @@ class SqliteJobStore:
             counts[JobStatus(row[0])] = int(row[1])
         return counts
 
+    def delete_finished_before(self, cutoff: float) -> int:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM jobs WHERE finished_at < ? AND webhook_state != 'pending'", (cutoff,)
+                ).fetchall()
+            ]
+            conn.executemany("DELETE FROM logs WHERE job_id = ?", [(i,) for i in ids])
+            conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return len(ids)
+
     def due_webhooks(self, now: float) -> list[Job]:
         rows = self._conn().execute(
             "SELECT * FROM jobs WHERE webhook_state = 'pending' AND status IN ('succeeded', 'failed',"

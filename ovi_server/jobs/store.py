@@ -163,6 +163,11 @@ class JobStore(Protocol):
 
     def counts(self) -> dict[JobStatus, int]: ...
 
+    def delete_finished_before(self, cutoff: float) -> int:
+        """Retention: forget jobs (and their logs) finished before `cutoff` (unix seconds); returns how many.
+        Jobs with a webhook still PENDING are kept."""
+        ...
+
     def due_webhooks(self, now: float) -> list[Job]:
         """Finished jobs whose webhook is PENDING and due."""
         ...

@@ -161,3 +161,17 @@ def test_due_webhooks_are_finished_jobs_only(store: SqliteJobStore):
     assert store.due_webhooks(time.time()) == []
     store.record_webhook(job.id, WebhookState.DELIVERED, None)
     assert store.get(job.id).webhook_attempts == 2
+
+
+def test_retention_forgets_old_finished_jobs_but_not_pending_webhooks(store: SqliteJobStore):
+    old = store.submit(new())
+    hooked = store.submit(new(webhook_url="http://127.0.0.1:9/hook"))
+    waiting = store.submit(new())
+    for job in (old, hooked):
+        store.claim_next()
+        store.append_log(job.id, "line")
+        store.succeed(job.id, JobResult("k", 1, 1, 0.1))
+    assert store.delete_finished_before(time.time() + 1) == 1  # `hooked` still owes a webhook
+    with pytest.raises(JobNotFound):
+        store.get(old.id)
+    assert store.logs(old.id) == [] and store.get(hooked.id) and store.get(waiting.id)
