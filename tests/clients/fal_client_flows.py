@@ -68,7 +68,7 @@ def queue(webhook_url: str) -> dict[str, Any]:
 
 
 def cancel() -> dict[str, Any]:
-    first = fal_client.submit(T2V, arguments={"prompt": "runs", **SMALL})
+    first = fal_client.submit(T2V, arguments={"prompt": "runs", **SMALL, "num_inference_steps": 30})
     second = fal_client.submit(T2V, arguments={"prompt": "cancelled", **SMALL})
     before = status_dict(fal_client.status(T2V, second.request_id))
     fal_client.cancel(T2V, second.request_id)

@@ -71,7 +71,7 @@ const flows = {
 
   // cancel a request that waits IN_QUEUE behind another
   async cancel() {
-    const first = await fal.queue.submit(T2V, { input: { prompt: "first, runs", ...small } });
+    const first = await fal.queue.submit(T2V, { input: { prompt: "first, runs", ...small, num_inference_steps: 30 } });
     const second = await fal.queue.submit(T2V, { input: { prompt: "second, cancelled", ...small } });
     const before = await fal.queue.status(T2V, { requestId: second.request_id });
     await fal.queue.cancel(T2V, { requestId: second.request_id });
