@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,6 +100,9 @@ def load_reference(root: str | Path, device: torch.device) -> Reference:
         package.__path__ = [str(root / name.replace(".", "/"))]
         sys.modules[name] = package
     float32_source = device.type != "cuda"
+    if device.type != "cuda":
+        # its `autocast('cuda', ...)` blocks warn on every call without CUDA; they are no-ops here
+        warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported")
     loaded = {
         name: _load_source(name, root / rel, FP32_SUBSTITUTIONS if rewrite and float32_source else ())
         for name, rel, rewrite in _MODULES

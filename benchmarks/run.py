@@ -82,7 +82,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--reference", type=Path, help="a character-ai/Ovi checkout: time its step side by side")
     p.add_argument(
-        "--forward-reps", type=int, default=3, help="timed single forwards per side (after one warm-up)"
+        "--forward-reps", type=int, default=5, help="with --reference: timed single forwards per side"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="with --reference: interleaved samplings of --steps steps per side",
     )
     p.add_argument(
         "--load-child", type=Path, help=argparse.SUPPRESS
@@ -413,36 +419,42 @@ def compare_with_reference(
     # Steps, interleaved so that both sides see the same machine load (the host may be shared): ours is
     # denoise(), the loop the pipeline runs; from its on_step callback one reference step runs, the body of
     # the reference's generate() loop with its own FlowUniPCMultistepScheduler. Clocks pause in between.
+    # Each round is a fresh sampling of all steps; only the first step of the first round is a warm-up.
     guidance = req.guidance
-    schedulers = tuple(reference.make_scheduler(req.steps, req.shift, placement.device) for _ in range(2))
-    reference_steps = reference_step_loop(
-        ref_model,
-        noise.video,
-        noise.audio,
-        (positive, video_negative, audio_negative),
-        schedulers,
-        guidance.video_scale,
-        guidance.audio_scale,
-        guidance.slg_layer,
-        placement.dtype,
-    )
-    step_s: dict[str, list[float]] = {"ours": [], "reference": []}
-    clock = [0.0]
-
-    def on_step(done: int, total: int) -> None:
-        sync()
-        step_s["ours"].append(time.perf_counter() - clock[0])
-        started = time.perf_counter()
-        next(reference_steps)
-        sync()
-        step_s["reference"].append(time.perf_counter() - started)
-        clock[0] = time.perf_counter()
-
-    plan = make_plan("unipc", req.steps, req.shift, guidance, placement.device)
     cond = Conditioning(positive, video_negative, audio_negative)
-    sync()
-    clock[0] = time.perf_counter()
-    denoise(pipe.fusion, Latents(noise.video, noise.audio), cond, plan, on_step)
+    step_s: dict[str, list[float]] = {"ours": [], "reference": []}
+    for _ in range(args.rounds):
+        schedulers = tuple(reference.make_scheduler(req.steps, req.shift, placement.device) for _ in range(2))
+        reference_steps = reference_step_loop(
+            ref_model,
+            noise.video,
+            noise.audio,
+            (positive, video_negative, audio_negative),
+            schedulers,
+            guidance.video_scale,
+            guidance.audio_scale,
+            guidance.slg_layer,
+            placement.dtype,
+        )
+        clock = [0.0]
+
+        def on_step(done: int, total: int, reference_steps=reference_steps, clock=clock) -> None:
+            sync()
+            step_s["ours"].append(time.perf_counter() - clock[0])
+            started = time.perf_counter()
+            next(reference_steps)
+            sync()
+            step_s["reference"].append(time.perf_counter() - started)
+            clock[0] = time.perf_counter()
+
+        plan = make_plan("unipc", req.steps, req.shift, guidance, placement.device)
+        sync()
+        clock[0] = time.perf_counter()
+        denoise(pipe.fusion, Latents(noise.video, noise.audio), cond, plan, on_step)
+        # run the generator to its end so its inference_mode/autocast contexts exit here, not at GC
+        if next(reference_steps, None) is not None:
+            raise RuntimeError("the reference made more steps than ours")
+    paired = [a / b for a, b in zip(step_s["ours"][1:], step_s["reference"][1:], strict=True)]
 
     stages = {}
     for name, samples, warmup in (("forward", forward_s, 0), ("step", step_s, 1)):
@@ -459,13 +471,13 @@ def compare_with_reference(
         "float32_source": reference.float32_source,
         "parity": parity,
         "stages": stages,
-        "step_ratio": stages["step"]["ratio_p50"],
-        "paired_step_ratios": [
-            a / b for a, b in zip(step_s["ours"][1:], step_s["reference"][1:], strict=True)
-        ],
+        # median over adjacent (ours, reference) step pairs: robust to load bursts on a shared host
+        "step_ratio": float(np.median(paired)),
+        "paired_step_ratios": paired,
         "note": "forward: one conditional forward (a warm-up forward precedes, the parity check); "
-        "step: two forwards + CFG + both solver steps, first step excluded, the two sides interleaved "
-        "step by step; ratio = ours / reference (p50)",
+        "step: two forwards + CFG + both solver steps, the two sides interleaved step by step, the first "
+        "step excluded; ratio_* = ours / reference of p50 and mean; step_ratio = median of the paired "
+        "per-step ratios",
     }
 
 
@@ -572,12 +584,17 @@ def print_report(report: dict[str, Any]) -> None:
             f"(video {parity['video_max_abs_err']:.2e} of max |x| {parity['video_max_abs']:.2f}, "
             f"audio {parity['audio_max_abs_err']:.2e} of max |x| {parity['audio_max_abs']:.2f})"
         )
-        print(f"{'stage':<10}{'ours_p50_s':>12}{'ref_p50_s':>12}{'ours/ref':>10}{'n':>4}")
+        print(f"{'stage':<10}{'ours_p50_s':>12}{'ref_p50_s':>12}{'p50 ratio':>11}{'mean ratio':>12}{'n':>4}")
         for name, row in ref["stages"].items():
             print(
                 f"{name:<10}{row['ours']['p50_s']:>12.3f}{row['reference']['p50_s']:>12.3f}"
-                f"{row['ratio_p50']:>10.2f}{row['ours']['n']:>4}"
+                f"{row['ratio_p50']:>11.2f}{row['ratio_mean']:>12.2f}{row['ours']['n']:>4}"
             )
+        ratios = sorted(ref["paired_step_ratios"])
+        print(
+            f"paired step ratios ours/ref (adjacent steps): median {ref['step_ratio']:.2f}, "
+            f"range {ratios[0]:.2f}..{ratios[-1]:.2f} over {len(ratios)} pairs"
+        )
 
 
 if __name__ == "__main__":
