@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ovi_server.commands import add_generate_parser, add_weights_parser
 from ovi_server.config import EngineConfig, ServerConfig
+from ovi_server.log import configure_logging
 
 logger = logging.getLogger("ovi_server.cli")
 
@@ -114,6 +115,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     _opt(data, "--webhook-retry-base", "OVI_WEBHOOK_RETRY_BASE", "seconds before the first webhook retry (doubles)", "7", type=float)  # fmt: skip
     _opt(p, "--log-level", "OVI_LOG_LEVEL", "debug, info, warning", "info")
+    _opt(
+        p,
+        "--log-format",
+        "OVI_LOG_FORMAT",
+        "text or json (one object per line)",
+        "text",
+        choices=["text", "json"],
+    )
     p.set_defaults(func=serve)
 
 
@@ -258,9 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = getattr(args, "log_level", "info").upper()
-    # Until ovi_server/log.py exists, this is the one place logging is configured.
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     return args.func(args)
 
 
