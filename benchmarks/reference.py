@@ -235,9 +235,16 @@ def reference_step_loop(
 
 
 def reference_forward(
-    model: nn.Module, video: Tensor, audio: Tensor, t: Tensor, context: Tensor, dtype: torch.dtype
+    model: nn.Module,
+    video: Tensor,
+    audio: Tensor,
+    t: Tensor,
+    video_context: Tensor,
+    audio_context: Tensor,
+    dtype: torch.dtype,
+    slg_layer: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """One conditional forward as the reference's loop makes it (positive prompt on both towers)."""
+    """One forward as the reference's loop makes it (slg_layer > 0: its negative pass)."""
     video_seq_len, audio_seq_len = sequence_lengths(model, video, audio)
     with (
         torch.inference_mode(),
@@ -247,10 +254,11 @@ def reference_forward(
             vid=[video],
             audio=[audio],
             t=t.reshape(1),
-            vid_context=[context],
-            audio_context=[context],
+            vid_context=[video_context],
+            audio_context=[audio_context],
             vid_seq_len=video_seq_len,
             audio_seq_len=audio_seq_len,
             first_frame_is_clean=False,
+            slg_layer=slg_layer,
         )
     return video_pred[0], audio_pred[0]

@@ -152,9 +152,8 @@ def run(args: argparse.Namespace) -> int:
             _time_checkpoint_load(pipe.cfg, config_path, args, Path(tmp)) if args.checkpoint_load else None
         )
 
-    shape = t2v_shape(
-        clip.height, clip.width, pipe.cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length
-    )
+    width, height = pipe.resolve(request).size  # as generate() derives the shape
+    shape = t2v_shape(height, width, pipe.cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
     report: dict[str, Any] = {
         "bench": "run",
         "variant": cfg.name,
@@ -175,13 +174,14 @@ def run(args: argparse.Namespace) -> int:
         "audio": {"latent_shape": list(shape.audio_latent_shape)},
         "stages": {name: stages[name] for name in STAGES},
         "memory": memory,
-        "environment": {**env, "load_average_end": os.getloadavg()},
+        "environment": env,
         "command": " ".join(["python -m benchmarks.run", *args.argv]),
     }
     if checkpoint is not None:
         report["checkpoint_load"] = checkpoint
     if args.reference is not None:
         report["reference"] = compare_with_reference(pipe, request, shape, args, sync)
+    env["load_average_end"] = os.getloadavg()
 
     print_report(report)
     if args.json is not None:
@@ -387,24 +387,42 @@ def compare_with_reference(
     )
     t = torch.full((1,), 999.0, device=placement.device)
 
-    def ours_forward() -> tuple[torch.Tensor, torch.Tensor]:
+    def ours_forward(negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        contexts, slg_layer = (
+            ((video_negative, audio_negative), req.guidance.slg_layer)
+            if negative
+            else ((positive, positive), 0)
+        )
         with torch.inference_mode():
-            video_pred, audio_pred = pipe.fusion([noise.video], [noise.audio], t, [positive], [positive])
+            video_pred, audio_pred = pipe.fusion(
+                [noise.video], [noise.audio], t, [contexts[0]], [contexts[1]], slg_layer=slg_layer
+            )
         return video_pred[0], audio_pred[0]
 
-    def ref_forward() -> tuple[torch.Tensor, torch.Tensor]:
-        return reference_forward(ref_model, noise.video, noise.audio, t, positive, placement.dtype)
+    def ref_forward(negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        contexts, slg_layer = (
+            ((video_negative, audio_negative), req.guidance.slg_layer)
+            if negative
+            else ((positive, positive), 0)
+        )
+        return reference_forward(
+            ref_model, noise.video, noise.audio, t, *contexts, placement.dtype, slg_layer=slg_layer
+        )
 
-    # parity first: a speed comparison of different math would mean nothing
-    ours_video, ours_audio = ours_forward()
-    ref_video, ref_audio = ref_forward()
-    parity = {
-        "video_max_abs_err": (ours_video.float() - ref_video.float()).abs().max().item(),
-        "audio_max_abs_err": (ours_audio.float() - ref_audio.float()).abs().max().item(),
-        "video_max_abs": ref_video.float().abs().max().item(),
-        "audio_max_abs": ref_audio.float().abs().max().item(),
-        "what": "one conditional forward at t=999, same weights and inputs",
+    # parity first: a speed comparison of different maths would mean nothing. Both passes of a step:
+    # positive (all blocks) and negative (negative prompts, skip-layer guidance).
+    parity: dict[str, Any] = {
+        "what": "the positive and the negative (slg) forward at t=999, same weights and inputs"
     }
+    for negative in (False, True):
+        ours_video, ours_audio = ours_forward(negative)
+        ref_video, ref_audio = ref_forward(negative)
+        for name, ours_x, ref_x in (("video", ours_video, ref_video), ("audio", ours_audio, ref_audio)):
+            err = (ours_x.float() - ref_x.float()).abs().max().item()
+            parity[f"{name}_max_abs_err"] = max(err, parity.get(f"{name}_max_abs_err", 0.0))
+            parity[f"{name}_max_abs"] = max(
+                ref_x.float().abs().max().item(), parity.get(f"{name}_max_abs", 0.0)
+            )
     parity["max_abs_err"] = max(parity["video_max_abs_err"], parity["audio_max_abs_err"])
 
     forward_s: dict[str, list[float]] = {"ours": [], "reference": []}
