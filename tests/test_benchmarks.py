@@ -54,3 +54,19 @@ def test_full_size_variant_on_cpu_is_refused_with_a_reason():
     done = run_bench("--variant", "720x720_5s", "--device", "cpu", "--steps", "2")
     assert done.returncode == 2
     assert "too large for a CPU run" in done.stderr and "--device cuda" in done.stderr
+
+
+def test_reference_flash_attention_stand_in_matches_our_attention():
+    """The SDPA stand-in the side by side puts in place of the reference's flash_attention computes what
+    our attention() computes, padded keys masked, so a parity error there would be the model's."""
+    import torch
+
+    from benchmarks.reference import sdpa_attention
+    from ovi_server.models.attention import attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 3, 8, generator=generator) for _ in range(3))  # [B, L, H, D]
+    ours = attention(q, k, v, k_lens=[4, 7])
+    theirs = sdpa_attention(q, k, v, k_lens=torch.tensor([4, 7], dtype=torch.int32))
+    torch.testing.assert_close(theirs, ours)
+    torch.testing.assert_close(sdpa_attention(q, k, v), attention(q, k, v))
