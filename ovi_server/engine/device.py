@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ovi_server.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,4 +55,7 @@ def resolve_placement(
         dt = _DTYPES[dtype]
     else:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
+    if offload != "none" and dev.type == "cpu":
+        logger.warning("offload=%s has no effect on the CPU (the models already live in host memory)", offload)
+        offload = "none"
     return Placement(dev, dt, offload, attention, fp8_storage)
