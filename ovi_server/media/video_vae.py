@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from ovi_server.config import VideoVAEConfig
 from ovi_server.engine.device import Placement
 from ovi_server.errors import ConfigError
-from ovi_server.models.loading import check_keys, init_random_, load_module, meta_device, read_state_dict
+from ovi_server.models.loading import (
+    check_keys,
+    init_random_,
+    load_module,
+    meta_device,
+    read_state_dict,
+    rename_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -223,14 +230,7 @@ def _rename_residual_part(key: str, parts: dict[str, str]) -> str:
 
 def remap_official(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Official Wan2.2 VAE keys -> `AutoencoderKLWan` keys. Unknown keys pass through (and fail the strict load)."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in sd.items():
-        for pattern, target in _RENAMES:
-            if re.fullmatch(pattern, key):
-                key = re.sub(pattern, target, key)
-                break
-        out[_rename_residual_part(key, _RESIDUAL_PARTS)] = tensor
-    return out
+    return {_rename_residual_part(rename_key(key, _RENAMES), _RESIDUAL_PARTS): t for key, t in sd.items()}
 
 
 # The inverse, for error messages in the checkpoint's own naming. The resampler sits after the
@@ -257,9 +257,5 @@ _OFFICIAL_NAMES: tuple[tuple[str, str], ...] = (
 def official_name(key: str, num_res_blocks: int) -> str:
     """`AutoencoderKLWan` key -> the official Wan2.2 VAE key (`remap_official` undone)."""
     key = _rename_residual_part(key, {ours: theirs for theirs, ours in _RESIDUAL_PARTS.items()})
-    for pattern, target in _OFFICIAL_NAMES:
-        if re.fullmatch(pattern, key):
-            target = target.format(encoder_resample=num_res_blocks, decoder_resample=num_res_blocks + 1)
-            key = re.sub(pattern, target, key)
-            break
-    return key
+    resample = {"encoder_resample": num_res_blocks, "decoder_resample": num_res_blocks + 1}
+    return rename_key(key, tuple((pattern, target.format(**resample)) for pattern, target in _OFFICIAL_NAMES))

@@ -8,6 +8,7 @@ Peak host memory stays near one copy of the checkpoint: safetensors files are op
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Container, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,14 @@ def read_state_dict(path: str | Path, subkey: str | None = None) -> Mapping[str,
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
     return dict(obj)
+
+
+def rename_key(key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """The first (regex, replacement) pair whose regex matches the whole key renames it; else unchanged."""
+    for pattern, target in renames:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, target, key)
+    return key
 
 
 @contextmanager

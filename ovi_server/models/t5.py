@@ -28,7 +28,14 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 from ovi_server.config import T5Config
 from ovi_server.engine.device import Placement
 from ovi_server.errors import WeightsError
-from ovi_server.models.loading import check_keys, init_random_, load_module, meta_device, read_state_dict
+from ovi_server.models.loading import (
+    check_keys,
+    init_random_,
+    load_module,
+    meta_device,
+    read_state_dict,
+    rename_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -305,11 +312,4 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 def remap_official(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Official umt5 keys -> `UMT5EncoderModel` keys, the embedding as `shared.weight` only
     (`load_umt5` ties `encoder.embed_tokens` to it). Unknown keys pass through and fail the strict load."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in sd.items():
-        for pattern, target in _RENAMES:
-            if re.fullmatch(pattern, key):
-                key = re.sub(pattern, target, key)
-                break
-        out[key] = tensor
-    return out
+    return {rename_key(key, _RENAMES): tensor for key, tensor in sd.items()}
