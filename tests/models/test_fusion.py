@@ -99,3 +99,24 @@ def test_fp8_layerwise_casting_stays_close(golden_model):
     for out, ref in ((video[0], reference_video[0]), (audio[0], reference_audio[0])):
         rel = (out - ref).norm() / ref.norm()
         assert rel < 0.08, f"fp8 relative error {rel:.3f}"
+
+
+def test_blocks_compile_without_graph_breaks_and_keep_the_output(golden_model):
+    """torch.compile of the repeated blocks (EngineConfig.compile): one graph per block call, same numbers.
+
+    aot_eager traces the same graphs inductor compiles, without a C++ build in the test."""
+    import torch._dynamo
+
+    model = golden_model()
+    args = _tiny_inputs(model)
+    v = model.video_model.embed(args[0], args[2], args[3])
+    a = model.audio_model.embed(args[1], args[2], args[4])
+    for phase, target in (("self", None), ("cross", a)):
+        explained = torch._dynamo.explain(model.video_model.blocks[0])(v, phase, target)
+        assert explained.graph_break_count == 0, explained.break_reasons
+    reference_video, reference_audio = model(*args)
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(backend="aot_eager", dynamic=False)
+    video, audio = model(*args)
+    torch.testing.assert_close(video[0], reference_video[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(audio[0], reference_audio[0], atol=1e-5, rtol=1e-5)
