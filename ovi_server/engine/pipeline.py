@@ -10,13 +10,14 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
@@ -38,6 +39,7 @@ from ovi_server.shapes import area_warning, generation_shape, t2v_shape
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
+TEXT_CACHE_SIZE = 64  # prompts whose text contexts are kept ([L, 4096] each, at most 4 MB in bf16)
 # Frames larger than this decode tile by tile unless told otherwise (EngineConfig.vae_tiling).
 TILING_AREA = int(
     720 * 720 * 1.1
@@ -69,8 +71,11 @@ class OviPipeline:
         text_encoder: TextEncoder,
         video_vae: VideoVAE,
         audio_decoder: AudioDecoder,
+        visitors: frozenset[str] = frozenset(),
     ):
         self.cfg, self.placement = cfg, placement
+        self.visitors = visitors  # names of the models that live in host memory between their stages
+        self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
         self.fusion, self.text_encoder = fusion, text_encoder
         self.video_vae, self.audio_decoder = video_vae, audio_decoder
 
@@ -82,8 +87,15 @@ class OviPipeline:
         placement = resolve_placement(
             engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8
         )
-        # with offloading the models rest in host memory and visit the device for their stage
-        home = placement if placement.offload == "none" else Placement(torch.device("cpu"), placement.dtype)
+        visitors = visiting_modules(placement)
+        host = Placement(torch.device("cpu"), placement.dtype)
+        # models that visit the device for their stage (and the block-offloaded fusion) rest in host memory
+        home = {
+            name: host
+            if name in visitors or (name == "fusion" and placement.offload == "block")
+            else placement
+            for name in ("fusion", "text_encoder", "video_vae", "audio_decoder")
+        }
         started = time.monotonic()
         if engine.weights_dir is None:
             if cfg.random_weights_seed is None:
@@ -97,17 +109,19 @@ class OviPipeline:
                 cfg.name,
                 seed,
             )
-            fusion = init_random_(build_fusion(cfg.video, cfg.audio), home, seed)
-            text_encoder = random_text_encoder(cfg.text_encoder, None, home, seed + 1)
-            video_vae = random_video_vae(cfg.video_vae, home, seed + 2)
-            audio_decoder = random_audio_decoder(cfg.audio_vae, cfg.vocoder, home, seed + 3)
+            fusion = init_random_(build_fusion(cfg.video, cfg.audio), home["fusion"], seed)
+            text_encoder = random_text_encoder(cfg.text_encoder, None, home["text_encoder"], seed + 1)
+            video_vae = random_video_vae(cfg.video_vae, home["video_vae"], seed + 2)
+            audio_decoder = random_audio_decoder(cfg.audio_vae, cfg.vocoder, home["audio_decoder"], seed + 3)
         else:
             files = weights.paths(Path(engine.weights_dir), cfg, engine.fp8)
-            fusion = load_fusion(files["fusion"], cfg.video, cfg.audio, home, keep_fp8=engine.fp8)
-            text_encoder = load_text_encoder(files["t5"], files["tokenizer"], cfg.text_encoder, home)
-            video_vae = load_video_vae(files["video_vae"], cfg.video_vae, home)
+            fusion = load_fusion(files["fusion"], cfg.video, cfg.audio, home["fusion"], keep_fp8=engine.fp8)
+            text_encoder = load_text_encoder(
+                files["t5"], files["tokenizer"], cfg.text_encoder, home["text_encoder"]
+            )
+            video_vae = load_video_vae(files["video_vae"], cfg.video_vae, home["video_vae"])
             audio_decoder = load_audio_decoder(
-                files["audio_vae"], files["vocoder"], cfg.audio_vae, cfg.vocoder, home
+                files["audio_vae"], files["vocoder"], cfg.audio_vae, cfg.vocoder, home["audio_decoder"]
             )
         if engine.vae_tiling == "on" or (
             engine.vae_tiling == "auto" and (placement.offload != "none" or cfg.video_area > TILING_AREA)
@@ -136,7 +150,7 @@ class OviPipeline:
             placement.offload,
             time.monotonic() - started,
         )
-        return cls(cfg, placement, fusion, text_encoder, video_vae, audio_decoder)
+        return cls(cfg, placement, fusion, text_encoder, video_vae, audio_decoder, visitors)
 
     # -------------------------------------------------------------------------------------- requests
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
@@ -215,8 +229,8 @@ class OviPipeline:
                 first_frame = load_first_frame(
                     req.image, cfg.video_area, allow_paths=False
                 )  # [1, 3, 1, H, W]
-                with self._on_device(self.video_vae):
-                    image_latent = self.video_vae.encode(first_frame)[0].to(device, dtype)  # [48, 1, h, w]
+                with self._on_device("video_vae") as video_vae:
+                    image_latent = video_vae.encode(first_frame)[0].to(device, dtype)  # [48, 1, h, w]
                 on_progress(Progress("encode_image", 1, 1))
             # the first frame was resized to the variant's area: its size is the video's
             shape = generation_shape(
@@ -235,22 +249,18 @@ class OviPipeline:
 
         with _timed(device, timings, "encode_text"):
             on_progress(Progress("encode_text", 0, 1))
-            with self._on_device(self.text_encoder):
-                positive, video_negative, audio_negative = (
-                    c.to(device, dtype)
-                    for c in self.text_encoder.encode(
-                        [req.prompt, req.video_negative_prompt, req.audio_negative_prompt]
-                    )
-                )
+            positive, video_negative, audio_negative = self.encode_prompts(
+                [req.prompt, req.video_negative_prompt, req.audio_negative_prompt]
+            )
             on_progress(Progress("encode_text", 1, 1))
 
         noise = initial_noise(shape.video_latent_shape, shape.audio_latent_shape, req.seed, device, dtype)
         plan = make_plan(req.solver, req.steps, req.shift, req.guidance, device)
         cond = Conditioning(positive, video_negative, audio_negative, image_latent)
-        with _timed(device, timings, "denoise"), self._on_device(self.fusion):
+        with _timed(device, timings, "denoise"), self._on_device("fusion") as fusion:
             on_progress(Progress("denoise", 0, req.steps))
             latents = denoise(
-                self.fusion,
+                fusion,
                 noise,
                 cond,
                 plan,
@@ -259,11 +269,11 @@ class OviPipeline:
 
         with _timed(device, timings, "decode"):
             on_progress(Progress("decode", 0, 2))
-            with self._on_device(self.video_vae):
-                video = self.video_vae.decode(latents.video[None])[0]  # [3, T, H, W] in [-1, 1]
+            with self._on_device("video_vae") as video_vae:
+                video = video_vae.decode(latents.video[None])[0]  # [3, T, H, W] in [-1, 1]
             on_progress(Progress("decode", 1, 2))
-            with self._on_device(self.audio_decoder):
-                waveform = self.audio_decoder.decode(latents.audio.T[None])[0]  # [N] at 16 kHz
+            with self._on_device("audio_decoder") as audio_decoder:
+                waveform = audio_decoder.decode(latents.audio.T[None])[0]  # [N] at 16 kHz
             on_progress(Progress("decode", 2, 2))
 
         with _timed(device, timings, "mux"):
@@ -289,19 +299,52 @@ class OviPipeline:
             timings=timings,
         )
 
+    def encode_prompts(self, prompts: list[str]) -> list[Tensor]:
+        """Text contexts [L_i, dim] on the device; prompts seen recently (the default negative prompts
+        above all) come from a cache and the text encoder runs only for the others. Exact: an
+        encoding does not depend on the batch it was computed in (padded keys are masked)."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            with self._on_device("text_encoder") as text_encoder:
+                encoded = text_encoder.encode(missing)
+            for prompt, context in zip(missing, encoded, strict=True):
+                self._text_cache[prompt] = context.to(self.placement.device, self.placement.dtype)
+        for prompt in prompts:
+            self._text_cache.move_to_end(prompt)
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        return [self._text_cache[p] for p in prompts]
+
     @contextmanager
-    def _on_device(self, module: nn.Module) -> Iterator[None]:
-        """ "model" offload: the module visits the device for its stage, then goes back to host memory."""
-        if self.placement.offload != "model":
-            yield
+    def _on_device(self, name: str) -> Iterator[nn.Module]:
+        """The model `name`, on the device for the duration of its stage (see `visiting_modules`)."""
+        module = getattr(self, name)
+        if name not in self.visitors:
+            yield module
             return
         module.to(self.placement.device)
         try:
-            yield
+            yield module
         finally:
             module.to("cpu")
             if self.placement.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def visiting_modules(placement: Placement) -> frozenset[str]:
+    """Models kept in host memory that visit the device only for their stage.
+
+    "model" offload: all four. "block": all but the fusion model, which diffusers' group offloading
+    streams block by block. On a GPU without offloading, the text encoder (umt5-xxl, 11 GB in bf16)
+    still leaves the GPU once the prompts are encoded, so the fusion model and the VAEs fit in 32 GB.
+    """
+    if placement.device.type == "cpu":
+        return frozenset()
+    if placement.offload == "model":
+        return frozenset({"fusion", "text_encoder", "video_vae", "audio_decoder"})
+    if placement.offload == "block":
+        return frozenset({"text_encoder", "video_vae", "audio_decoder"})
+    return frozenset({"text_encoder"})
 
 
 @contextmanager

@@ -122,3 +122,42 @@ def test_request_defaults_come_from_the_variant(pipeline):
     with pytest.raises(InvalidInput, match="unknown solver"):
         pipeline.resolve(GenerationRequest("A dog.", solver="ddim"))
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_text_contexts_are_cached_per_prompt_and_exact(pipeline, monkeypatch):
+    encoded_batches = []
+    real_encode = pipeline.text_encoder.encode
+
+    def counting_encode(prompts):
+        encoded_batches.append(list(prompts))
+        return real_encode(prompts)
+
+    monkeypatch.setattr(pipeline.text_encoder, "encode", counting_encode)
+    pipeline._text_cache.clear()
+    first = pipeline.encode_prompts(["a red fox", "jitter, blur", "muffled"])
+    again = pipeline.encode_prompts(["a blue fox", "jitter, blur", "muffled"])
+    assert encoded_batches == [["a red fox", "jitter, blur", "muffled"], ["a blue fox"]]
+    assert again[1] is first[1] and again[2] is first[2]
+    alone = real_encode(["a blue fox"])[0]
+    torch.testing.assert_close(again[0], alone, atol=0, rtol=0)  # batching does not change an encoding
+
+
+def test_which_models_leave_the_gpu_between_stages():
+    from ovi_server.engine.device import Placement
+    from ovi_server.engine.pipeline import visiting_modules
+
+    cuda = torch.device("cuda")
+    assert visiting_modules(Placement(torch.device("cpu"), torch.float32)) == frozenset()
+    # umt5-xxl leaves the GPU after encoding even without offloading (the 32 GB budget)
+    assert visiting_modules(Placement(cuda, torch.bfloat16)) == {"text_encoder"}
+    assert visiting_modules(Placement(cuda, torch.bfloat16, offload="block")) == {
+        "text_encoder",
+        "video_vae",
+        "audio_decoder",
+    }
+    assert visiting_modules(Placement(cuda, torch.bfloat16, offload="model")) == {
+        "fusion",
+        "text_encoder",
+        "video_vae",
+        "audio_decoder",
+    }
