@@ -9,13 +9,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ovi_server.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ beside the package in a checkout (editable install); a regular install puts the same files
+# under <prefix>/share/ovi-server/configs (pyproject's data-files).
+_CHECKOUT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = (
+    _CHECKOUT_CONFIGS if _CHECKOUT_CONFIGS.is_dir() else Path(sys.prefix) / "share" / "ovi-server" / "configs"
+)
 
 
 @dataclass(frozen=True)
