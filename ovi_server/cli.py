@@ -53,6 +53,21 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     _opt(
         engine, "--offload", "OVI_OFFLOAD", "none, model or block", "none", choices=["none", "model", "block"]
     )
+    _opt(
+        engine,
+        "--attention",
+        "OVI_ATTENTION",
+        "a diffusers attention backend: native (PyTorch SDPA), _native_cudnn, flash, _flash_3, sage",
+        "native",
+    )
+    _opt(
+        engine,
+        "--vae-tiling",
+        "OVI_VAE_TILING",
+        "tiled video VAE decode: auto (when offloading or above the 720x720 area), on, off",
+        "auto",
+        choices=["auto", "on", "off"],
+    )
     engine.add_argument(
         "--fp8", action="store_true", default=_flag_env("OVI_FP8"), help="fp8 weights [env OVI_FP8]"
     )
@@ -137,6 +152,8 @@ def build_server_config(args: argparse.Namespace) -> ServerConfig:
         offload=args.offload,
         fp8=args.fp8,
         compile=args.compile,
+        attention=args.attention,
+        vae_tiling=args.vae_tiling,
     )
     keys = tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip())
     return ServerConfig(

@@ -54,6 +54,12 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     _engine_options(p)
     p.add_argument("--device", default=os.environ.get("OVI_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
     p.add_argument(
+        "--attention",
+        default=os.environ.get("OVI_ATTENTION", "native"),
+        help="diffusers attention backend: native (PyTorch SDPA), _native_cudnn, flash, _flash_3, sage",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the fusion blocks")
+    p.add_argument(
         "--offload",
         choices=["none", "model", "block"],
         default="none",
@@ -103,6 +109,8 @@ def generate(args: argparse.Namespace) -> int:
         device=args.device,
         offload=args.offload,
         fp8=args.fp8,
+        attention=args.attention,
+        compile=args.compile,
     )
     try:
         image = image_source(args.image) if args.image else None

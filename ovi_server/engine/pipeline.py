@@ -25,7 +25,7 @@ from ovi_server.engine.device import Placement, resolve_placement
 from ovi_server.engine.request import Clip, GenerationRequest, Progress, ProgressCallback, ignore_progress
 from ovi_server.engine.sampler import Conditioning, Guidance, denoise, initial_noise, make_plan
 from ovi_server.engine.solvers import SOLVERS
-from ovi_server.errors import InvalidInput, WeightsError
+from ovi_server.errors import ConfigError, InvalidInput, WeightsError
 from ovi_server.media.audio_vae import AudioDecoder, load_audio_decoder, random_audio_decoder
 from ovi_server.media.images import load_first_frame
 from ovi_server.media.mux import write_mp4
@@ -127,7 +127,12 @@ class OviPipeline:
             engine.vae_tiling == "auto" and (placement.offload != "none" or cfg.video_area > TILING_AREA)
         ):
             video_vae.set_tiling(True)
-        fusion.set_attention_backend(placement.attention)
+        try:  # the backend is checked here, at start-up, never inside a block
+            fusion.set_attention_backend(placement.attention)
+        except (ValueError, RuntimeError, ImportError) as exc:
+            raise ConfigError(
+                f"attention backend {placement.attention!r} cannot be used here: {exc}"
+            ) from exc
         if placement.offload == "block":
             from diffusers.hooks import apply_group_offloading
 

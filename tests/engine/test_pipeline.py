@@ -161,3 +161,10 @@ def test_which_models_leave_the_gpu_between_stages():
         "video_vae",
         "audio_decoder",
     }
+
+
+def test_unknown_attention_backend_fails_at_start_up():
+    from ovi_server.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention backend 'flashy' cannot be used here"):
+        OviPipeline.from_config(EngineConfig(variant="tiny", attention="flashy"))
