@@ -180,9 +180,14 @@ def load_checkpoint(
 
 
 def init_random_(module: nn.Module, placement: Placement, seed: int) -> nn.Module:
-    """Materialises a meta module with random weights (tiny demo model, benchmarks): N(0, 0.02), norms 1."""
-    generator = torch.Generator().manual_seed(seed)
-    module.to_empty(device="cpu")
+    """Materialises a meta module with random weights (tiny demo model, benchmarks): N(0, 0.02), norms 1.
+
+    Allocated directly on the placement's device in its dtype and filled there, so a full-size model
+    never exists in float32 in host memory (11.7 B parameters would be 47 GB).
+    """
+    module.to(dtype=placement.dtype)  # still on the meta device: free
+    module.to_empty(device=placement.device)
+    generator = torch.Generator(placement.device).manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
@@ -191,8 +196,8 @@ def init_random_(module: nn.Module, placement: Placement, seed: int) -> nn.Modul
             elif leaf == "bias":
                 param.zero_()
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                param.normal_(0.0, 0.02, generator=generator)
         for _, buf in module.named_buffers():
             if buf.is_floating_point():
                 buf.zero_()
-    return module.to(device=placement.device, dtype=placement.dtype).eval().requires_grad_(False)
+    return module.eval().requires_grad_(False)
