@@ -56,6 +56,8 @@ def resolve_placement(
     else:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
     if offload != "none" and dev.type == "cpu":
-        logger.warning("offload=%s has no effect on the CPU (the models already live in host memory)", offload)
+        logger.warning(
+            "offload=%s has no effect on the CPU (the models already live in host memory)", offload
+        )
         offload = "none"
     return Placement(dev, dt, offload, attention, fp8_storage)

@@ -12,7 +12,9 @@ class GenerationRequest:
     """One generation. `None` means "the variant's default" (configs/<variant>.json `sampling`)."""
 
     prompt: str
-    image: str | None = None  # i2v first frame: an http(s) URL or a data: URI (the CLI turns paths into data URIs)
+    image: str | None = (
+        None  # i2v first frame: an http(s) URL or a data: URI (the CLI turns paths into data URIs)
+    )
     size: tuple[int, int] | None = None  # requested (width, height); snapped to the variant's area
     steps: int | None = None
     seed: int | None = None  # None: a random seed, reported back in the Clip
