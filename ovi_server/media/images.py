@@ -159,7 +159,8 @@ def _download(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
             for chunk in response.iter_bytes():
                 received += len(chunk)
                 if received > max_bytes:
-                    raise InvalidInput(FIELD, _too_many_bytes(label, received, max_bytes, at_least=True))
+                    # how much more would come is unknown: the message names the limit, not the chunk count
+                    raise InvalidInput(FIELD, _too_many_bytes(label, max_bytes, max_bytes, at_least=True))
                 if time.monotonic() > deadline:
                     raise InvalidInput(
                         FIELD,
