@@ -10,33 +10,24 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ovi_server.commands import add_generate_parser, add_weights_parser
-from ovi_server.config import EngineConfig, ServerConfig
+from ovi_server.commands import (
+    add_generate_parser,
+    add_model_options,
+    add_runtime_options,
+    add_weights_parser,
+    engine_config,
+    env_option,
+    flag_from_env,
+)
+from ovi_server.config import ServerConfig
 from ovi_server.log import configure_logging
 
 logger = logging.getLogger("ovi_server.cli")
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
-
-
-def _flag_env(name: str) -> bool:
-    return (os.environ.get(name) or "").lower() in ("1", "true", "yes", "on")
-
-
-def _opt(
-    parser: argparse.ArgumentParser, flag: str, env: str, help: str, default: str | None = None, **kw
-) -> None:
-    """An option whose default comes from `env`; --help shows both."""
-    shown = f" (default: {default})" if default is not None else ""
-    parser.add_argument(flag, default=_env(env, default), help=f"{help} [env {env}]{shown}", **kw)
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,51 +37,24 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve fal-ai/ovi and fal-ai/ovi/image-to-video over fal's queue API.",
     )
     engine = p.add_argument_group("model")
-    _opt(engine, "--variant", "OVI_VARIANT", "model variant (configs/<name>.json) or a config path", "tiny")
-    _opt(engine, "--weights", "OVI_WEIGHTS_DIR", "weights directory (none: random weights, tiny only)")
-    _opt(engine, "--device", "OVI_DEVICE", "auto, cpu, cuda or cuda:N", "auto")
-    _opt(engine, "--dtype", "OVI_DTYPE", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", "auto")
-    _opt(
-        engine, "--offload", "OVI_OFFLOAD", "none, model or block", "none", choices=["none", "model", "block"]
-    )
-    _opt(
-        engine,
-        "--attention",
-        "OVI_ATTENTION",
-        "a diffusers attention backend: native (PyTorch SDPA), _native_cudnn, flash, _flash_3, sage",
-        "native",
-    )
-    _opt(
-        engine,
-        "--vae-tiling",
-        "OVI_VAE_TILING",
-        "tiled video VAE decode: auto (when offloading or above the 720x720 area), on, off",
-        "auto",
-        choices=["auto", "on", "off"],
-    )
-    engine.add_argument(
-        "--fp8", action="store_true", default=_flag_env("OVI_FP8"), help="fp8 weights [env OVI_FP8]"
-    )
-    engine.add_argument(
-        "--compile",
-        action="store_true",
-        default=_flag_env("OVI_COMPILE"),
-        help="torch.compile [env OVI_COMPILE]",
-    )
+    add_model_options(engine)
+    add_runtime_options(engine)
 
     net = p.add_argument_group("network")
-    _opt(net, "--host", "OVI_HOST", "listen address", "127.0.0.1")
-    _opt(net, "--port", "OVI_PORT", "listen port", "8000", type=int)
-    _opt(
+    env_option(net, "--host", "OVI_HOST", "listen address", "127.0.0.1")
+    env_option(net, "--port", "OVI_PORT", "listen port", "8000", type=int)
+    env_option(
         net,
         "--public-url",
         "OVI_PUBLIC_URL",
         "origin used in returned URLs (status_url, video.url, ...); default: the address each client "
         "used (Host / X-Forwarded-Proto / X-Forwarded-Host), i.e. the listen address for direct clients",
     )
-    _opt(net, "--tls-cert", "OVI_TLS_CERT", "PEM certificate: serve HTTPS (fal-client only speaks https)")
-    _opt(net, "--tls-key", "OVI_TLS_KEY", "PEM private key for --tls-cert")
-    _opt(
+    env_option(
+        net, "--tls-cert", "OVI_TLS_CERT", "PEM certificate: serve HTTPS (fal-client only speaks https)"
+    )
+    env_option(net, "--tls-key", "OVI_TLS_KEY", "PEM private key for --tls-cert")
+    env_option(
         net,
         "--tls-port",
         "OVI_TLS_PORT",
@@ -99,7 +63,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
 
     auth = p.add_argument_group("auth")
-    _opt(
+    env_option(
         auth,
         "--api-keys",
         "OVI_API_KEYS",
@@ -108,19 +72,23 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     auth.add_argument(
         "--no-auth",
         action="store_true",
-        default=_flag_env("OVI_NO_AUTH"),
+        default=flag_from_env("OVI_NO_AUTH"),
         help="allow running without keys on a non-loopback address [env OVI_NO_AUTH]",
     )
 
     data = p.add_argument_group("data")
-    _opt(data, "--data-dir", "OVI_DATA_DIR", "jobs database, files, webhook key (default: the user data dir)")
-    _opt(
+    env_option(
+        data, "--data-dir", "OVI_DATA_DIR", "jobs database, files, webhook key (default: the user data dir)"
+    )
+    env_option(
         data, "--retention-hours", "OVI_RETENTION_HOURS", "delete outputs and uploads after", "24", type=float
     )
-    _opt(data, "--storage", "OVI_STORAGE", "where files live", "local", choices=["local", "s3"])
-    _opt(data, "--s3-bucket", "OVI_S3_BUCKET", "bucket for --storage s3 (credentials: the usual AWS_* env)")
-    _opt(data, "--s3-endpoint-url", "OVI_S3_ENDPOINT_URL", "S3-compatible endpoint (MinIO, R2, ...)")
-    _opt(
+    env_option(data, "--storage", "OVI_STORAGE", "where files live", "local", choices=["local", "s3"])
+    env_option(
+        data, "--s3-bucket", "OVI_S3_BUCKET", "bucket for --storage s3 (credentials: the usual AWS_* env)"
+    )
+    env_option(data, "--s3-endpoint-url", "OVI_S3_ENDPOINT_URL", "S3-compatible endpoint (MinIO, R2, ...)")
+    env_option(
         data,
         "--max-attempts",
         "OVI_MAX_ATTEMPTS",
@@ -128,9 +96,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "2",
         type=int,
     )
-    _opt(data, "--webhook-retry-base", "OVI_WEBHOOK_RETRY_BASE", "seconds before the first webhook retry (doubles)", "7", type=float)  # fmt: skip
-    _opt(p, "--log-level", "OVI_LOG_LEVEL", "debug, info, warning", "info")
-    _opt(
+    env_option(data, "--webhook-retry-base", "OVI_WEBHOOK_RETRY_BASE", "seconds before the first webhook retry (doubles)", "7", type=float)  # fmt: skip
+    env_option(p, "--log-level", "OVI_LOG_LEVEL", "debug, info, warning", "info")
+    env_option(
         p,
         "--log-format",
         "OVI_LOG_FORMAT",
@@ -144,17 +112,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 def build_server_config(args: argparse.Namespace) -> ServerConfig:
     import platformdirs
 
-    engine = EngineConfig(
-        variant=args.variant,
-        weights_dir=Path(args.weights) if args.weights else None,
-        device=args.device,
-        dtype=args.dtype,
-        offload=args.offload,
-        fp8=args.fp8,
-        compile=args.compile,
-        attention=args.attention,
-        vae_tiling=args.vae_tiling,
-    )
+    engine = engine_config(args)
     keys = tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip())
     return ServerConfig(
         engine=engine,

@@ -11,22 +11,91 @@ import sys
 import time
 from pathlib import Path
 
+from ovi_server.config import EngineConfig
+
 DEFAULT_WEIGHTS_DIR = "weights"
 
 
-def _engine_options(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
-    p.add_argument(
+def flag_from_env(name: str) -> bool:
+    return (os.environ.get(name) or "").lower() in ("1", "true", "yes", "on")
+
+
+def env_option(parser, flag: str, env: str, help: str, default: str | None = None, **kw) -> None:
+    """An option whose default comes from `env`; --help shows both."""
+    shown = f" (default: {default})" if default is not None else ""
+    parser.add_argument(flag, default=os.environ.get(env, default), help=f"{help} [env {env}]{shown}", **kw)
+
+
+def add_model_options(parser, weights_default: str | None = None) -> None:
+    """Which model: --variant, --weights, --fp8 (serve, generate, weights)."""
+    env_option(
+        parser,
         "--variant",
-        default=os.environ.get("OVI_VARIANT", "tiny"),
-        help="720x720_5s, 960x960_5s, 960x960_10s or tiny (random weights, CPU demo) [env OVI_VARIANT]",
+        "OVI_VARIANT",
+        "720x720_5s, 960x960_5s, 960x960_10s, tiny (random weights, CPU demo) or a config path",
+        "tiny",
     )
-    p.add_argument(
+    env_option(
+        parser,
         "--weights",
-        default=os.environ.get("OVI_WEIGHTS_DIR", DEFAULT_WEIGHTS_DIR if weights_required else None),
-        help="weights directory in the reference's layout (weights/README.md) [env OVI_WEIGHTS_DIR]",
+        "OVI_WEIGHTS_DIR",
+        "weights directory in the reference's layout, weights/README.md (none: random weights, tiny only)",
+        weights_default,
     )
-    p.add_argument(
-        "--fp8", action="store_true", help="use the fp8 checkpoint (720x720_5s) and keep it fp8 in memory"
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        default=flag_from_env("OVI_FP8"),
+        help="the fp8 checkpoint (720x720_5s), kept fp8 in memory [env OVI_FP8]",
+    )
+
+
+def add_runtime_options(parser) -> None:
+    """How the model runs: device, precision, attention kernel, offloading, tiling, compile."""
+    env_option(parser, "--device", "OVI_DEVICE", "auto, cpu, cuda or cuda:N", "auto")
+    env_option(parser, "--dtype", "OVI_DTYPE", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", "auto")
+    env_option(
+        parser,
+        "--attention",
+        "OVI_ATTENTION",
+        "a diffusers attention backend: native (PyTorch SDPA), _native_cudnn, flash, _flash_3, sage",
+        "native",
+    )
+    env_option(
+        parser,
+        "--offload",
+        "OVI_OFFLOAD",
+        "keep models in host memory, on the GPU per stage (model) or per block (block)",
+        "none",
+        choices=["none", "model", "block"],
+    )
+    env_option(
+        parser,
+        "--vae-tiling",
+        "OVI_VAE_TILING",
+        "tiled video VAE decode: auto (when offloading or above the 720x720 area), on, off",
+        "auto",
+        choices=["auto", "on", "off"],
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=flag_from_env("OVI_COMPILE"),
+        help="torch.compile the fusion blocks [env OVI_COMPILE]",
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        variant=args.variant,
+        weights_dir=Path(args.weights) if args.weights else None,
+        device=args.device,
+        dtype=args.dtype,
+        attention=args.attention,
+        offload=args.offload,
+        fp8=args.fp8,
+        compile=args.compile,
+        vae_tiling=args.vae_tiling,
     )
 
 
@@ -51,20 +120,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audio-guidance", type=float, help="default 3.0")
     p.add_argument("--negative-prompt", help="video negative prompt")
     p.add_argument("--audio-negative-prompt", help="audio negative prompt")
-    _engine_options(p)
-    p.add_argument("--device", default=os.environ.get("OVI_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
-    p.add_argument(
-        "--attention",
-        default=os.environ.get("OVI_ATTENTION", "native"),
-        help="diffusers attention backend: native (PyTorch SDPA), _native_cudnn, flash, _flash_3, sage",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the fusion blocks")
-    p.add_argument(
-        "--offload",
-        choices=["none", "model", "block"],
-        default="none",
-        help="keep models in host memory and move them to the GPU per stage (model) or per block",
-    )
+    add_model_options(p)
+    add_runtime_options(p)
     p.add_argument("-o", "--output", default="out.mp4", help="where to write the MP4 (default out.mp4)")
     p.set_defaults(func=generate)
 
@@ -92,7 +149,6 @@ def image_source(value: str) -> str:
 def generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ovi_server.config import EngineConfig
     from ovi_server.engine.pipeline import OviPipeline
     from ovi_server.engine.request import GenerationRequest, Progress
     from ovi_server.errors import OviError
@@ -103,15 +159,7 @@ def generate(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = EngineConfig(
-        variant=args.variant,
-        weights_dir=Path(args.weights) if args.weights else None,
-        device=args.device,
-        offload=args.offload,
-        fp8=args.fp8,
-        attention=args.attention,
-        compile=args.compile,
-    )
+    engine = engine_config(args)
     try:
         image = image_source(args.image) if args.image else None
     except OviError as exc:
@@ -167,10 +215,10 @@ def add_weights_parser(sub: argparse._SubParsersAction) -> None:
     check = wsub.add_parser(
         "check", help="list the variant's files, their sizes and whether their keys match"
     )
-    _engine_options(check, weights_required=True)
+    add_model_options(check, DEFAULT_WEIGHTS_DIR)
     check.set_defaults(func=weights_check)
     download = wsub.add_parser("download", help="fetch the variant's official files with huggingface_hub")
-    _engine_options(download, weights_required=True)
+    add_model_options(download, DEFAULT_WEIGHTS_DIR)
     download.set_defaults(func=weights_download)
 
 
