@@ -29,10 +29,11 @@ class LazyStateDict(Mapping[str, Tensor]):
     """A read-only state dict whose tensors are materialised (memory-mapped) when indexed."""
 
     def __init__(self, path: Path, keys: list[str], get: Callable[[str], Tensor]):
-        self.path, self._keys, self._get = path, keys, get
+        self.path, self._get = path, get
+        self._keys = dict.fromkeys(keys)  # ordered, with O(1) membership
 
     def __getitem__(self, key: str) -> Tensor:
-        if key not in self._keyset:
+        if key not in self._keys:
             raise KeyError(key)
         return self._get(key)
 
@@ -41,12 +42,6 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._keys)
-
-    @property
-    def _keyset(self) -> set[str]:
-        if not hasattr(self, "_ks"):
-            self._ks = set(self._keys)
-        return self._ks
 
 
 def read_state_dict(path: str | Path, subkey: str | None = None) -> Mapping[str, Tensor]:
