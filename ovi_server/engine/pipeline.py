@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.device import Placement, resolve_placement
-from ovi_server.engine.request import Clip, GenerationRequest, Progress, ProgressCallback, ignore_progress
+from ovi_server.engine.request import (
+    MAX_RANDOM_SEED,
+    Clip,
+    GenerationRequest,
+    Progress,
+    ProgressCallback,
+    ignore_progress,
+)
 from ovi_server.engine.sampler import Conditioning, Guidance, denoise, initial_noise, make_plan
 from ovi_server.engine.solvers import SOLVERS
 from ovi_server.errors import ConfigError, InvalidInput, WeightsError
@@ -38,7 +45,6 @@ from ovi_server.shapes import area_warning, generation_shape, t2v_shape
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1
 TEXT_CACHE_SIZE = 64  # prompts whose text contexts are kept ([L, 4096] each, at most 4 MB in bf16)
 # Frames larger than this decode tile by tile unless told otherwise (EngineConfig.vae_tiling).
 TILING_AREA = int(
@@ -174,7 +180,7 @@ class OviPipeline:
             raise InvalidInput(
                 "slg_layer", f"must be 0 (off) or a block index below {self.cfg.video.num_layers}"
             )
-        seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
+        seed = secrets.randbelow(MAX_RANDOM_SEED + 1) if request.seed is None else request.seed
         if not 0 <= seed <= 2**63 - 1:
             raise InvalidInput("seed", f"must be between 0 and {2**63 - 1}, got {seed}")
         side = round(math.sqrt(self.cfg.video_area))

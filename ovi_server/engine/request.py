@@ -6,6 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Largest seed we pick when a request has none (fits a signed 32-bit int in every client).
+MAX_RANDOM_SEED = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class GenerationRequest:

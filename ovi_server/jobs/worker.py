@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ovi_server.config import EngineConfig
-from ovi_server.engine.request import Clip, GenerationRequest, Progress, ProgressCallback
+from ovi_server.engine.request import MAX_RANDOM_SEED, Clip, GenerationRequest, Progress, ProgressCallback
 from ovi_server.errors import Cancelled, InvalidInput
 from ovi_server.jobs.files import FileStore
 from ovi_server.jobs.metrics import Metrics
@@ -27,7 +27,6 @@ from ovi_server.jobs.store import FailureKind, FieldError, Job, JobFailure, JobR
 logger = logging.getLogger(__name__)
 
 LOG_EVERY_S = 1.0  # at most one "denoise i/n" line per second per job (the last step is always written)
-MAX_SEED = 2**31 - 1
 
 
 class _ShuttingDown(Exception):
@@ -190,7 +189,7 @@ class Worker:
 def random_seed(job_id: str) -> int:
     """The seed for a request without one: random (job ids are UUID4s), but the same if the job is re-run
     after a crash, so the re-run produces the video the first run would have."""
-    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & MAX_SEED
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & MAX_RANDOM_SEED
 
 
 def _infrastructure_failure(exc: Exception, request: GenerationRequest) -> JobFailure:
