@@ -275,7 +275,7 @@ def random_vocoder(cfg: VocoderConfig, placement: Placement, seed: int) -> BigVG
 def _load(state_dict: Mapping[str, Tensor], cfg: VocoderConfig, placement: Placement, path) -> BigVGAN:
     with meta_device():
         model = BigVGAN(cfg)
-    official = dict(_unify_weight_norm_spelling(state_dict))
+    official = dict(unify_weight_norm_spelling(state_dict))
     what = "BigVGAN vocoder (weight norm as weight_g/weight_v or parametrizations.weight.original0/1)"
     check_keys(path, official_keys(model), set(official), what)
     load_module(model, remap_official(official), placement, path=path, what="BigVGAN vocoder")
@@ -292,7 +292,7 @@ def official_keys(model: BigVGAN) -> set[str]:
     return keys
 
 
-def _unify_weight_norm_spelling(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def unify_weight_norm_spelling(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """New parametrisation names -> old `weight_g` / `weight_v` names; other keys unchanged."""
     renames = {
         ".parametrizations.weight.original0": ".weight_g",

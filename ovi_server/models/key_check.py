@@ -39,7 +39,7 @@ def check_audio_vae(path: Path, cfg: OviConfig) -> None:
 def check_vocoder(path: Path, cfg: OviConfig) -> None:
     with meta_device():
         expected = vocoder.official_keys(vocoder.BigVGAN(cfg.vocoder))
-    found = set(vocoder._unify_weight_norm_spelling(dict.fromkeys(read_state_dict(path, subkey="generator"))))
+    found = set(vocoder.unify_weight_norm_spelling(dict.fromkeys(read_state_dict(path, subkey="generator"))))
     check_keys(path, expected, found, "BigVGAN vocoder")
 
 
