@@ -2,7 +2,7 @@
 
 Nothing of the reference is copied into this repository: `load_reference(DIR)` imports four of its
 files from DIR at run time, and files under DIR are never written. What changes between the files on
-disk and what runs (the same two deviations as the golden generators, shared/golden/README.md):
+disk and what runs (the same two deviations as the golden generators, tests/golden/README.md):
 
 * Only `ovi/modules/{attention,model,fusion}.py`, `ovi/distributed_comms/{parallel_states,communications}.py`
   and `ovi/utils/fm_solvers_unipc.py` are imported. The packages `ovi`, `ovi.modules`, `ovi.utils` are

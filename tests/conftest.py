@@ -9,13 +9,14 @@ import pytest
 from ovi_server.golden.cases import GoldenCase, load_cases
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = REPO.parent / "shared" / "golden"
+# the reference's test vectors, copied from the project's shared/golden (tests/golden/README.md)
+GOLDEN_DIR = REPO / "tests" / "golden"
 
 
 def golden_cases(component: str) -> list[GoldenCase]:
-    """The public golden cases of one component (shared/golden/<component>/manifest.json)."""
+    """The public golden cases of one component (tests/golden/<component>/manifest.json)."""
     if not (GOLDEN_DIR / component / "manifest.json").is_file():
         pytest.fail(
-            f"golden vectors missing: {GOLDEN_DIR / component}; the tests need shared/golden beside the repo"
+            f"golden vectors missing: {GOLDEN_DIR / component}; it ships with the repository (tests/golden)"
         )
     return load_cases(GOLDEN_DIR, component)

@@ -1,7 +1,7 @@
 """The three solvers Ovi offers, built from diffusers' schedulers configured to reproduce the reference.
 
 diffusers reproduces the reference's own scheduler classes exactly once its schedule matches Ovi's
-(shared/golden/sampler records max |diff| = 0.0), so no solver math is written here; only the
+(tests/golden/sampler records max |diff| = 0.0), so no solver math is written here; only the
 schedule is imposed:
 * unipc: `set_timesteps(sigmas=linspace(0.999, 0, n+1)[:-1])` — plain `set_timesteps(n)` starts at
   sigma 1.0 instead of 0.999 and is off by up to 5 timesteps;

@@ -1,5 +1,5 @@
 """Golden parity checker: runs reference test vectors through the project's own loaders and models.
 
 `python -m ovi_server.golden check DIR [--component NAME ...]`; the format of DIR is described in
-`shared/golden/README.md`: one folder per component with a `manifest.json` listing cases.
+`tests/golden/README.md`: one folder per component with a `manifest.json` listing cases.
 """

@@ -1,4 +1,4 @@
-"""`python -m ovi_server.golden check DIR [--component NAME ...]`"""
+"""`python -m ovi_server.golden check [DIR] [--component NAME ...]` (DIR: tests/golden of a checkout)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 
 from ovi_server.golden.cases import CaseResult, components_in, load_cases
+
+# the reference's vectors kept in the repository (tests/golden/README.md says where they came from)
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "tests" / "golden"
 
 # component folder -> module with `run_case(case) -> CaseResult`
 RUNNERS = {
@@ -57,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ovi_server.golden")
     sub = parser.add_subparsers(dest="command", required=True)
     chk = sub.add_parser("check", help="run golden cases and compare with the manifest tolerances")
-    chk.add_argument("dir", type=Path)
+    chk.add_argument(
+        "dir",
+        type=Path,
+        nargs="?",
+        default=DEFAULT_DIR,
+        help=f"a golden directory (default: {DEFAULT_DIR}, the vectors that ship with the repository)",
+    )
     chk.add_argument("--component", nargs="+", help="only these component folders (default: all in DIR)")
     args = parser.parse_args(argv)
     if not args.dir.is_dir():

@@ -1,7 +1,7 @@
 """Wan2.2 video VAE (TI2V-5B, z_dim 48): pixels [-1, 1] <-> the normalised latents the DiT works in.
 
 The network is diffusers' `AutoencoderKLWan`, which reproduces the reference's `Wan2_2_VAE` exactly
-(shared/golden/README.md, section `wan_vae`: max |diff| 0.0 on every case); weights come from the
+(tests/golden/README.md, section `wan_vae`: max |diff| 0.0 on every case); weights come from the
 official `Wan2.2_VAE.pth` and are renamed by `remap_official` at the end of this file. What diffusers
 does not do is the per-channel latent normalisation: the reference keeps 48 means and standard
 deviations in its wrapper (not in the checkpoint), so they live here as data.

@@ -1,7 +1,7 @@
 """umt5-xxl text encoder: prompt cleaning, tokenisation, and the encoder Ovi conditions on.
 
 The encoder is transformers' `UMT5EncoderModel`: it computes the same function as the reference's
-own `T5Encoder` (shared/golden/README.md, section `t5`: max |diff| ~1e-6 in float32), so we reuse it
+own `T5Encoder` (tests/golden/README.md, section `t5`: max |diff| ~1e-6 in float32), so we reuse it
 instead of keeping a second copy of T5. Weights come from the official
 `models_t5_umt5-xxl-enc-bf16.pth` and are renamed by `remap_official` at the end of this file.
 
