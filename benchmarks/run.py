@@ -456,7 +456,7 @@ def compare_with_reference(
         )
         clock = [0.0]
 
-        def on_step(done: int, total: int, reference_steps=reference_steps, clock=clock) -> None:
+        def on_step(done: int, total: int, x: Latents, reference_steps=reference_steps, clock=clock) -> None:
             sync()
             step_s["ours"].append(time.perf_counter() - clock[0])
             started = time.perf_counter()

@@ -13,6 +13,7 @@ import logging
 import socket
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ovi_server.commands import (
@@ -39,6 +40,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     engine = p.add_argument_group("model")
     add_model_options(engine)
     add_runtime_options(engine)
+    env_option(
+        engine,
+        "--previews",
+        "OVI_PREVIEWS",
+        "live previews of the video while it denoises: every N steps (and the last), or off",
+        "5",
+        type=previews_every,
+    )
 
     net = p.add_argument_group("network")
     env_option(net, "--host", "OVI_HOST", "listen address", "127.0.0.1")
@@ -109,10 +118,19 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=serve)
 
 
+def previews_every(text: str) -> int:
+    """--previews: "off" → 0, else a positive number of denoising steps."""
+    if text.strip().lower() in ("off", "0", "no", "false"):
+        return 0
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of steps or 'off', got {text!r}")
+    return int(text)
+
+
 def build_server_config(args: argparse.Namespace) -> ServerConfig:
     import platformdirs
 
-    engine = engine_config(args)
+    engine = replace(engine_config(args), preview_every=args.previews)
     keys = tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip())
     return ServerConfig(
         engine=engine,

@@ -256,6 +256,9 @@ class EngineConfig:
     # Spatially tiled VAE decode: bounded memory, not bit-exact at tile seams. "auto": on when models
     # are offloaded (low-memory mode) or frames are larger than the 720x720 area.
     vae_tiling: Literal["auto", "on", "off"] = "auto"
+    # Live previews (serve): a PNG of the video latents every this many denoising steps and at the last
+    # one, stored for GET .../requests/{id}/preview; 0: off.
+    preview_every: int = 5
 
 
 @dataclass(frozen=True)

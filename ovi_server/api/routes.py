@@ -194,6 +194,20 @@ async def cancel(request: Request, request_id: str) -> JSONResponse:
     return _json({"status": "CANCELLATION_REQUESTED"}, 202, request_id=request_id)
 
 
+async def get_preview(request: Request, request_id: str) -> Response:
+    """The latest live preview (PNG, at most 256 px) of a request's video while it denoises."""
+    png = _store(request).preview(request_id)
+    if png is None:
+        raise HTTPException(
+            404,
+            "no preview yet: one is made every few denoising steps (the status logs say 'preview i/N'); "
+            "the server may run with --previews off",
+            headers={"x-fal-request-id": request_id},
+        )
+    headers = {"x-fal-request-id": request_id, "Cache-Control": "no-store"}
+    return Response(png, media_type="image/png", headers=headers)
+
+
 for _root in (schemas.APP_ROOT, schemas.IMAGE_TO_VIDEO):
     _doc = _root == schemas.APP_ROOT
     _base = f"/{_root}/requests/{{request_id}}"
@@ -224,6 +238,17 @@ for _root in (schemas.APP_ROOT, schemas.IMAGE_TO_VIDEO):
         include_in_schema=_doc,
         summary="Request result",
         responses={200: {"model": schemas.OviOutput}},
+    )
+    router.add_api_route(
+        f"{_base}/preview",
+        get_preview,
+        methods=["GET"],
+        dependencies=authed,
+        tags=["queue"],
+        include_in_schema=_doc,
+        summary="Live preview of the video while it denoises (PNG)",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
     )
     router.add_api_route(f"{_base}/cancel", cancel, methods=["PUT"], dependencies=authed, tags=["queue"], include_in_schema=_doc, summary="Cancel a request")  # fmt: skip
 

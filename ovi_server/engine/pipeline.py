@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.device import Placement, resolve_placement
+from ovi_server.engine.preview import preview_png
 from ovi_server.engine.request import (
     MAX_RANDOM_SEED,
     Clip,
@@ -30,7 +31,15 @@ from ovi_server.engine.request import (
     ProgressCallback,
     ignore_progress,
 )
-from ovi_server.engine.sampler import Conditioning, Guidance, denoise, initial_noise, make_plan
+from ovi_server.engine.sampler import (
+    Conditioning,
+    Guidance,
+    Latents,
+    StepCallback,
+    denoise,
+    initial_noise,
+    make_plan,
+)
 from ovi_server.engine.solvers import SOLVERS
 from ovi_server.errors import ConfigError, InvalidInput, WeightsError
 from ovi_server.media.audio_vae import AudioDecoder, load_audio_decoder, random_audio_decoder
@@ -270,13 +279,7 @@ class OviPipeline:
         cond = Conditioning(positive, video_negative, audio_negative, image_latent)
         with _timed(device, timings, "denoise"), self._on_device("fusion") as fusion:
             on_progress(Progress("denoise", 0, req.steps))
-            latents = denoise(
-                fusion,
-                noise,
-                cond,
-                plan,
-                lambda done, total: on_progress(Progress("denoise", done, total)),
-            )
+            latents = denoise(fusion, noise, cond, plan, _denoise_progress(on_progress))
 
         with _timed(device, timings, "decode"):
             on_progress(Progress("decode", 0, 2))
@@ -356,6 +359,15 @@ def visiting_modules(placement: Placement) -> frozenset[str]:
     if placement.offload == "block":
         return frozenset({"text_encoder", "video_vae", "audio_decoder"})
     return frozenset({"text_encoder"})
+
+
+def _denoise_progress(on_progress: ProgressCallback) -> StepCallback:
+    """The sampler's step callback as "denoise" Progress events that can render a live preview."""
+
+    def on_step(done: int, total: int, x: Latents) -> None:
+        on_progress(Progress("denoise", done, total, preview=lambda: preview_png(x.video)))
+
+    return on_step
 
 
 @contextmanager

@@ -37,6 +37,9 @@ class Progress:
     stage: str
     done: int
     total: int
+    # denoise steps only: renders this step's video latents as a small PNG (engine/preview.py); called
+    # by whoever wants a live preview, so a step nobody previews costs nothing.
+    preview: Callable[[], bytes] | None = field(default=None, compare=False, repr=False)
 
 
 # Called by the pipeline after every step / stage; may raise errors.Cancelled to stop between steps.

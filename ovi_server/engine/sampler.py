@@ -11,18 +11,20 @@ from torch import Tensor
 from ovi_server.engine.solvers import Solver, make_solver
 from ovi_server.models.fusion import OviFusion
 
-# on_step(done, total): progress after each step; may raise errors.Cancelled to stop between steps.
-StepCallback = Callable[[int, int], None]
-
-
-def ignore_step(done: int, total: int) -> None:
-    return None
-
 
 @dataclass(frozen=True)
 class Latents:
     video: Tensor  # [48, F, H/16, W/16]
     audio: Tensor  # [L, 20]
+
+
+# on_step(done, total, x): after each step, with the latents so far (live previews read them); may raise
+# errors.Cancelled to stop between steps.
+StepCallback = Callable[[int, int, Latents], None]
+
+
+def ignore_step(done: int, total: int, x: Latents) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -129,5 +131,5 @@ def denoise(
             video=plan.video_solver.step(video_pred, t, x.video),
             audio=plan.audio_solver.step(audio_pred, t, x.audio),
         )
-        on_step(i + 1, total)
+        on_step(i + 1, total, x)
     return Latents(with_first_frame(x.video, cond.image_latent), x.audio)

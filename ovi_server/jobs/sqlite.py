@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS logs (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, seq);
+CREATE TABLE IF NOT EXISTS previews (           -- the latest live preview of each job (denoising)
+    job_id TEXT PRIMARY KEY,
+    png BLOB NOT NULL
+);
 """
 
 
@@ -271,6 +275,19 @@ class SqliteJobStore:
         )
         return [LogLine(r["seq"], r["timestamp"], r["level"], r["message"]) for r in rows.fetchall()]
 
+    def put_preview(self, job_id: str, png: bytes) -> None:
+        self._conn().execute(
+            "INSERT INTO previews (job_id, png) VALUES (?, ?) ON CONFLICT (job_id) DO UPDATE SET png = excluded.png",
+            (job_id, png),
+        )
+
+    def preview(self, job_id: str) -> bytes | None:
+        row = self._conn().execute("SELECT png FROM previews WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            self.get(job_id)  # JobNotFound for an unknown id
+            return None
+        return bytes(row[0])
+
     def counts(self) -> dict[JobStatus, int]:
         counts = dict.fromkeys(JobStatus, 0)
         for row in self._conn().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall():
@@ -288,6 +305,7 @@ class SqliteJobStore:
                 ).fetchall()
             ]
             conn.executemany("DELETE FROM logs WHERE job_id = ?", [(i,) for i in ids])
+            conn.executemany("DELETE FROM previews WHERE job_id = ?", [(i,) for i in ids])
             conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
             conn.execute("COMMIT")
         except BaseException:

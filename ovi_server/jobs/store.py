@@ -140,6 +140,14 @@ class JobStore(Protocol):
 
     def logs(self, job_id: str, after_seq: int = 0) -> list[LogLine]: ...
 
+    def put_preview(self, job_id: str, png: bytes) -> None:
+        """Keep `png` as the job's live preview (replacing the last one); any API process can serve it."""
+        ...
+
+    def preview(self, job_id: str) -> bytes | None:
+        """The job's latest preview PNG; None before the first. Raises errors.JobNotFound."""
+        ...
+
     def succeed(self, job_id: str, result: JobResult) -> Job: ...
 
     def fail(self, job_id: str, failure: JobFailure) -> Job:
@@ -164,7 +172,7 @@ class JobStore(Protocol):
     def counts(self) -> dict[JobStatus, int]: ...
 
     def delete_finished_before(self, cutoff: float) -> int:
-        """Retention: forget jobs (and their logs) finished before `cutoff` (unix seconds); returns how many.
+        """Retention: forget jobs (and their logs and previews) finished before `cutoff` (unix seconds); returns how many.
         Jobs with a webhook still PENDING are kept."""
         ...
 

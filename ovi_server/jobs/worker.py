@@ -1,7 +1,8 @@
 """The generation worker: claims one job at a time from the store, runs the engine, stores the MP4.
 
 The only module that imports the engine. It loads the pipeline once, turns `Progress` events into
-throttled log lines ("denoise 12/30"), checks for cancellation between steps, and always finishes the job
+throttled log lines ("denoise 12/30") and live previews ("preview 10/30", the PNG in the store), checks
+for cancellation between steps, and always finishes the job
 it claimed: success, invalid input (422), cancelled, or failed with a message that says what to do.
 """
 
@@ -182,8 +183,19 @@ class Worker:
             if progress.done == progress.total or progress.done == 0 or now - last_log >= LOG_EVERY_S:
                 self.store.append_log(job.id, f"{progress.stage} {progress.done}/{progress.total}")
                 last_log = now
+            if self._wants_preview(progress):
+                assert progress.preview is not None
+                self.store.put_preview(job.id, progress.preview())
+                self.store.append_log(job.id, f"preview {progress.done}/{progress.total}")
 
         return on_progress
+
+    def _wants_preview(self, progress: Progress) -> bool:
+        """Every `preview_every` denoising steps, and at the last one (so short runs get one too)."""
+        every = self.config.preview_every
+        if every <= 0 or progress.preview is None or progress.done == 0:
+            return False
+        return progress.done % every == 0 or progress.done == progress.total
 
 
 def random_seed(job_id: str) -> int:

@@ -50,6 +50,17 @@ def write_tiny_mp4(path: Path, width: int = 32, height: int = 32, frames: int = 
                 container.mux(packet)
 
 
+def fake_preview(step: int) -> bytes:
+    """A real PNG whose red channel is the step number (the engine's previews: engine/preview.py)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 4), (step, 0, 0)).save(out, "PNG")
+    return out.getvalue()
+
+
 class FakePipeline:
     """Behaves like OviPipeline.generate: progress per step, InvalidInput for bad images, Cancelled via callback."""
 
@@ -71,7 +82,7 @@ class FakePipeline:
         steps = request.steps or 4
         for i in range(steps):
             self.gate.wait(10)
-            on_progress(Progress("denoise", i + 1, steps))
+            on_progress(Progress("denoise", i + 1, steps, preview=lambda step=i + 1: fake_preview(step)))
         write_tiny_mp4(out_path)
         w, h = request.size or (32, 32)
         assert request.seed is not None

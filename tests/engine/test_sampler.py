@@ -91,7 +91,8 @@ def test_cancellation_stops_between_steps(tiny_model):
     plan = make_plan("unipc", 6, 5.0, Guidance(slg_layer=1), torch.device("cpu"))
     seen = []
 
-    def on_step(done, total):
+    def on_step(done, total, x):
+        assert x.video.shape == noise.video.shape
         seen.append((done, total))
         if done == 2:
             raise Cancelled("cancelled by the user")

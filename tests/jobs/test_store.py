@@ -175,3 +175,19 @@ def test_retention_forgets_old_finished_jobs_but_not_pending_webhooks(store: Sql
     with pytest.raises(JobNotFound):
         store.get(old.id)
     assert store.logs(old.id) == [] and store.get(hooked.id) and store.get(waiting.id)
+
+
+def test_preview_keeps_the_latest_png_per_job_and_goes_with_retention(store: SqliteJobStore):
+    job, other = store.submit(new()), store.submit(new())
+    assert store.preview(job.id) is None
+    store.put_preview(job.id, b"\x89PNG first")
+    store.put_preview(job.id, b"\x89PNG second")
+    assert store.preview(job.id) == b"\x89PNG second" and store.preview(other.id) is None
+    with pytest.raises(JobNotFound):
+        store.preview("nope")
+    store.claim_next()
+    store.succeed(job.id, JobResult("k", 1, 1, 0.1))
+    assert store.delete_finished_before(time.time() + 1) == 1
+    with pytest.raises(JobNotFound):
+        store.preview(job.id)
+    assert store._conn().execute("SELECT COUNT(*) FROM previews").fetchone()[0] == 0
