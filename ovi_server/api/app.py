@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from ovi_server import __version__
-from ovi_server.api import errors, schemas
+from ovi_server.api import errors, pages, schemas
 from ovi_server.api.auth import KeyRing
 from ovi_server.api.proxy import FalProxyMiddleware
 from ovi_server.api.routes import router
@@ -64,6 +64,8 @@ def build_app(
         description="Self-hosted Ovi (text/image → video with audio) behind fal.ai's queue API "
         "(`fal-ai/ovi`, `fal-ai/ovi/image-to-video`).",
         lifespan=lifespan,
+        docs_url=None,  # pages.py serves /docs and /redoc from local assets
+        redoc_url=None,
     )
     app.state.config = config
     app.state.store = store
@@ -73,6 +75,7 @@ def build_app(
     app.state.keys = KeyRing(config.api_keys)
     errors.install(app)
     app.include_router(router)
+    pages.install(app)
     app.add_middleware(FalProxyMiddleware)
     # Outermost: answers browser preflights for proxy mode before the proxy looks at them (spec §13).
     app.add_middleware(

@@ -83,6 +83,7 @@ class LiveServer:
     tls_port: int
     log_path: Path
     proc: subprocess.Popen | None = None
+    extra_args: tuple[str, ...] = ()  # more `serve` flags, e.g. ("--previews", "1")
 
     @property
     def base(self) -> str:
@@ -99,7 +100,7 @@ class LiveServer:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--tls-cert", str(self.cert), "--tls-key", str(self.key), "--tls-port", str(self.tls_port),
             "--api-keys", KEY, "--data-dir", str(self.data_dir),
-            "--webhook-retry-base", "0.5",
+            "--webhook-retry-base", "0.5", *self.extra_args,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 -- the server's lifetime, closed by the OS
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -141,9 +142,11 @@ class LiveServer:
         }
 
 
-def start_server(tmp: Path) -> LiveServer:
+def start_server(tmp: Path, *extra_args: str) -> LiveServer:
     cert, key = make_self_signed_cert(tmp)
-    server = LiveServer(tmp / "data", cert, key, free_port(), free_port(), tmp / "server.log")
+    server = LiveServer(
+        tmp / "data", cert, key, free_port(), free_port(), tmp / "server.log", None, extra_args
+    )
     server.start()
     return server
 

@@ -1,0 +1,76 @@
+"""Pages for people, served by this process with every asset they load (no CDN; works offline).
+
+- `/playground`: a form for both endpoints, live progress and previews, the result and code snippets
+  (`static/playground.*`, plain HTML/CSS/JS, no build step).
+- `/docs` (Swagger UI) and `/redoc` (ReDoc) over `/openapi.json`, from the Swagger UI and ReDoc builds that
+  the `fastapi-offline` package ships (FastAPI's own pages load them from a CDN).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+STATIC = Path(__file__).parent / "static"
+DOCS_ASSETS = "/docs/assets"
+PLAYGROUND_ASSETS = "/playground/assets"
+
+
+def _docs_static() -> Path:
+    return Path(str(importlib.resources.files("fastapi_offline") / "static"))
+
+
+def install(app: FastAPI) -> None:
+    """Routes for the pages (out of the OpenAPI document); call with docs_url=None, redoc_url=None."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=_docs_static()), name="docs-assets")
+    app.mount(PLAYGROUND_ASSETS, StaticFiles(directory=STATIC), name="playground-assets")
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC / "playground.html", media_type="text/html")
+
+    @app.get("/playground/config.json", include_in_schema=False)
+    async def playground_config(request: Request) -> dict[str, Any]:
+        """What the page needs to know about this server: whether it asks for a key, the model."""
+        config = request.app.state.config
+        variant = config.engine.variant
+        note = f"model: {variant}"
+        if variant == "tiny":
+            note += " (random weights: the video is noise; every size becomes a 64x96-pixel video)"
+        return {
+            "auth": not request.app.state.keys.open,
+            "variant": variant,
+            "previews": config.engine.preview_every,
+            "tls_port": config.tls_port,
+            "note": note,
+        }
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - API docs",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            # the default validator badge asks validator.swagger.io about the document
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
