@@ -111,6 +111,17 @@ def area_warning(h: int, w: int, area: int) -> bool:
     return requested < (1 - AREA_WARNING_TOLERANCE) * area or requested > (1 + AREA_WARNING_TOLERANCE) * area
 
 
+def size_note(variant: str, video_area: int) -> str:
+    """One sentence on what a variant does with a requested size (logged once at start-up)."""
+    height, width = snap_hw_to_multiple_of_32(512, 992, area=video_area)
+    side = round(math.sqrt(video_area))
+    return (
+        f"variant {variant} makes videos of about {video_area} pixels ({side}x{side}): a requested size is "
+        f"scaled to that area keeping its aspect, each side a multiple of 32 (fal's default 992x512 becomes "
+        f"{width}x{height}); image-to-video takes the image's aspect"
+    )
+
+
 def num_video_frames(video_latent_length: int) -> int:
     """Pixel frames decoded from F latent frames: the first latent frame is one image, the rest 4 each."""
     return 1 + VAE_TEMPORAL_STRIDE * (video_latent_length - 1)

@@ -14,8 +14,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+
+from ovi_server.config import load_variant
+from ovi_server.shapes import size_note
 
 STATIC = Path(__file__).parent / "static"
 DOCS_ASSETS = "/docs/assets"
@@ -26,8 +29,22 @@ def _docs_static() -> Path:
     return Path(str(importlib.resources.files("fastapi_offline") / "static"))
 
 
+# ReDoc's sidebar credit shows a logo from Redocly's CDN; our copy points it at a local picture instead.
+REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
 def install(app: FastAPI) -> None:
     """Routes for the pages (out of the OpenAPI document); call with docs_url=None, redoc_url=None."""
+    redoc_js = (
+        (_docs_static() / "redoc.standalone.js")
+        .read_bytes()
+        .replace(REDOC_LOGO, f"{DOCS_ASSETS}/favicon.png".encode())
+    )
+
+    @app.get(f"{DOCS_ASSETS}/redoc.standalone.js", include_in_schema=False)
+    async def redoc_script() -> Response:  # before the mount, which would serve the original
+        return Response(redoc_js, media_type="text/javascript", headers={"Cache-Control": "max-age=3600"})
+
     app.mount(DOCS_ASSETS, StaticFiles(directory=_docs_static()), name="docs-assets")
     app.mount(PLAYGROUND_ASSETS, StaticFiles(directory=STATIC), name="playground-assets")
 
@@ -39,13 +56,13 @@ def install(app: FastAPI) -> None:
     async def playground_config(request: Request) -> dict[str, Any]:
         """What the page needs to know about this server: whether it asks for a key, the model."""
         config = request.app.state.config
-        variant = config.engine.variant
-        note = f"model: {variant}"
-        if variant == "tiny":
-            note += " (random weights: the video is noise; every size becomes a 64x96-pixel video)"
+        variant = load_variant(config.engine.variant)
+        note = size_note(variant.name, variant.video_area)
+        if variant.random_weights_seed is not None and config.engine.weights_dir is None:
+            note = f"{note}. Random weights: the pictures and sound are noise."
         return {
             "auth": not request.app.state.keys.open,
-            "variant": variant,
+            "variant": variant.name,
             "previews": config.engine.preview_every,
             "tls_port": config.tls_port,
             "note": note,

@@ -50,7 +50,7 @@ from ovi_server.models.fusion import OviFusion, build_fusion, load_fusion
 from ovi_server.models.loading import init_random_
 from ovi_server.models.t5 import TextEncoder, load_text_encoder, random_text_encoder
 from ovi_server.prompt import format_prompt, validate_prompt
-from ovi_server.shapes import area_warning, generation_shape, t2v_shape
+from ovi_server.shapes import area_warning, generation_shape, size_note, t2v_shape
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class OviPipeline:
         self.cfg, self.placement = cfg, placement
         self.visitors = visitors  # names of the models that live in host memory between their stages
         self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._sizes_warned: set[tuple[int, int]] = set()  # the area warning is given once per size
         self.fusion, self.text_encoder = fusion, text_encoder
         self.video_vae, self.audio_decoder = video_vae, audio_decoder
 
@@ -161,6 +162,7 @@ class OviPipeline:
             )
         if engine.compile:
             fusion.compile_repeated_blocks(dynamic=False)
+        logger.info("%s", size_note(cfg.name, cfg.video_area))
         logger.info(
             "pipeline %s ready on %s (%s, attention %s, offload %s) in %.1fs",
             cfg.name,
@@ -258,12 +260,15 @@ class OviPipeline:
             )
         else:
             width, height = req.size
-            if area_warning(height, width, cfg.video_area):
+            if area_warning(height, width, cfg.video_area) and req.size not in self._sizes_warned:
+                self._sizes_warned.add(req.size)
                 logger.warning(
-                    "requested %dx%d is more than 10%% off the %s model's area; snapping keeps its aspect",
+                    "requested %dx%d is more than 10%% off the %s model's area of %d pixels; it is scaled "
+                    "to that area keeping its aspect (said once per size)",
                     width,
                     height,
                     cfg.name,
+                    cfg.video_area,
                 )
             shape = t2v_shape(height, width, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
 

@@ -110,7 +110,9 @@ class Worker:
             job.id, self.config.variant, w, h, request.steps, request.seed, job.attempts,
         )  # fmt: skip
         logger.debug("job %s prompt=%r", job.id, request.prompt)
-        self.store.append_log(job.id, f"started: {w}x{h}, {request.steps} steps, seed {request.seed}")
+        asked = "size of the image" if request.image else f"{w}x{h} requested"
+        steps = "default" if request.steps is None else request.steps
+        self.store.append_log(job.id, f"started: {asked}, {steps} steps, seed {request.seed}")
         started = time.perf_counter()
         failure: JobFailure | None = None
         with tempfile.TemporaryDirectory(prefix=f"ovi-{job.id}-") as tmp:
@@ -136,8 +138,9 @@ class Worker:
         if failure is None:
             self.store.succeed(job.id, JobResult(key, size, clip.seed, seconds))
             timings = ", ".join(f"{k} {v:.1f}s" for k, v in clip.timings.items())
-            self.store.append_log(job.id, f"done in {seconds:.1f}s ({timings})")
-            logger.info("job %s done in %.1fs (%s)", job.id, seconds, timings)
+            made = f"{clip.width}x{clip.height}, {clip.num_frames} frames"
+            self.store.append_log(job.id, f"done in {seconds:.1f}s: {made} ({timings})")
+            logger.info("job %s done in %.1fs: %s (%s)", job.id, seconds, made, timings)
         else:
             self.store.fail(job.id, failure)
             level = "WARN" if failure.kind in (FailureKind.CANCELLED, FailureKind.INVALID_INPUT) else "ERROR"

@@ -78,10 +78,11 @@ def console_errors(driver: Any, allowed: tuple[str, ...] = ()) -> list[str]:
 
 
 def foreign_resources(driver: Any, origin: str) -> list[str]:
-    """Every URL the page loaded or points its elements at that is not this origin (blob:/data: are local)."""
+    """Every URL the page loaded, or that an element loads from, not of this origin (blob:/data: are local).
+    Plain links (<a href>) load nothing and may point anywhere (ReDoc credits Redocly)."""
     urls = driver.execute_script(
         "return performance.getEntriesByType('resource').map(e => e.name)"
-        ".concat([...document.querySelectorAll('[src],[href]')].map(e => e.src || e.href))"
+        ".concat([...document.querySelectorAll('[src], link[href]')].map(e => e.src || e.href))"
     )
     return [u for u in urls if u and not u.startswith((origin + "/", "blob:" + origin + "/", "data:"))]
 
@@ -263,4 +264,19 @@ def test_cancel_stops_a_running_request(browser: Any, server: LiveServer):
     wait_for(lambda: run_state(browser) == "cancelled", 60, "the request was not cancelled")
     assert browser.find_element(By.ID, "run-status").text == "Cancelled"
     assert "step 50/50" != browser.find_element(By.ID, "progress-text").text
+    assert console_errors(browser) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "rendered"), [("/docs", ".swagger-ui .opblock"), ("/redoc", ".redoc-wrap h1")]
+)
+def test_api_docs_render_offline_from_local_assets(
+    browser: Any, server: LiveServer, path: str, rendered: str
+):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server.base}{path}")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, rendered), 30, f"{path} did not render")
+    assert "fal-ai/ovi" in browser.find_element(By.TAG_NAME, "body").text
+    assert foreign_resources(browser, server.base) == []
     assert console_errors(browser) == []
