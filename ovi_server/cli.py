@@ -189,6 +189,9 @@ def serve(args: argparse.Namespace) -> int:
     check_auth(config)
     if (config.tls_cert is None) != (config.tls_key is None):
         raise SystemExit("--tls-cert and --tls-key go together")
+    for port in (config.port, config.tls_port):
+        if port is not None:
+            check_port_free(config.host, port)  # before the model loads, which can take minutes
     logger.info("config %s", config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(config.data_dir)  # noqa: F841 -- held until the process exits
@@ -224,6 +227,20 @@ def serve(args: argparse.Namespace) -> int:
         worker.stop()
         store.close()
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One line instead of uvicorn's tracebacks when the address is taken (bound the way uvicorn binds)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(
+                f"cannot listen on {host}:{port}: [Errno {exc.errno}] {exc.strerror}; another process has "
+                f"it (`ss -ltnp 'sport = :{port}'` shows which): stop it or pick another --port"
+            ) from None
 
 
 def _lock_data_dir(data_dir: Path) -> object:

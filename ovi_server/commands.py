@@ -238,7 +238,19 @@ def weights_check(args: argparse.Namespace) -> int:
         print("  " + report.line())
     bad = [r for r in reports if not r.present or r.keys_ok is False]
     print(f"{len(reports) - len(bad)} ok, {len(bad)} missing or bad")
+    if any(r.present for r in bad):
+        print(f"fix: delete the BAD files above, then run: {fix_command(args)}")
+    elif bad:
+        print(f"fix: {fix_command(args)}")
     return 1 if bad else 0
+
+
+def fix_command(args: argparse.Namespace) -> str:
+    """The `weights download` command for the same variant and directory (it skips files already there)."""
+    import shlex
+
+    fp8 = " --fp8" if args.fp8 else ""
+    return f"ovi-server weights download --variant {shlex.quote(args.variant)} --weights {shlex.quote(args.weights)}{fp8}"
 
 
 def weights_download(args: argparse.Namespace) -> int:
