@@ -60,5 +60,6 @@ def preview_png(video_latents: Tensor, max_side: int = MAX_SIDE) -> bytes:
     scale = max_side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     out = io.BytesIO()
-    image.resize(size, Image.Resampling.BILINEAR).save(out, "PNG")
+    # zlib level 1: half the time of the default level for ~10 % more bytes (benchmarks/preview.py)
+    image.resize(size, Image.Resampling.BILINEAR).save(out, "PNG", compress_level=1)
     return out.getvalue()
