@@ -187,6 +187,10 @@ def test_text_to_video_with_progress_previews_and_result(browser: Any, server: L
         lambda: browser.execute_script("return arguments[0].readyState >= 2", video), 20, "no first frame"
     )
     browser.execute_script("window.scrollTo(0, 0)")
+    # let the media controls paint their loaded state (two animation frames) before the picture
+    browser.execute_async_script(
+        "const done = arguments[0]; requestAnimationFrame(() => requestAnimationFrame(done))"
+    )
     shots = Path(tempfile.mkdtemp(prefix="ovi-playground-"))
     browser.save_screenshot(str(shots / "playground.png"))
     print(f"\nplayground screenshot: {shots / 'playground.png'}")
