@@ -2,7 +2,7 @@
 
     python -m benchmarks.preview --variant mid --device cpu --steps 5 [--shapes 720x720_5s,960x960_10s]
 
-Runs `denoise()` on the variant (random weights) with a step callback that, after each step, renders the
+Runs `denoise()` on the variant (random weights; full-size variants need a GPU) with a step callback that, after each step, renders the
 preview exactly as the worker does (`engine/preview.py: preview_png` on the step's video latents) and
 stores it in a SQLite job store (`put_preview` + the "preview i/N" log line). The step clock stops before
 the preview and restarts after it, so each step and each preview are timed apart; step 1 is the warm-up.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.run import _random_weights_config
 from ovi_server.config import EngineConfig, load_variant
 from ovi_server.engine.pipeline import OviPipeline
 from ovi_server.engine.preview import preview_png
@@ -36,7 +37,7 @@ PROMPT = "A street violinist plays under a bridge. <AUDCAP>Solo violin, distant 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.preview", description=__doc__.split("\n")[0])
-    p.add_argument("--variant", default="mid", help="a variant with random weights (mid, tiny) to denoise")
+    p.add_argument("--variant", default="mid", help="the variant to denoise (random weights); mid on a CPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--steps", type=int, default=5, help="denoising steps (>= 2; step 1 is the warm-up)")
@@ -47,9 +48,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    pipeline = OviPipeline.from_config(
-        EngineConfig(variant=args.variant, device=args.device, dtype=args.dtype)
-    )
+    with tempfile.TemporaryDirectory() as configs:  # full-size variants get random weights, as in run.py
+        variant = _random_weights_config(load_variant(args.variant), None, Path(configs))
+        engine = EngineConfig(variant=str(variant), device=args.device, dtype=args.dtype)
+        pipeline = OviPipeline.from_config(engine)
     cfg, device, dtype = pipeline.cfg, pipeline.placement.device, pipeline.placement.dtype
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     side = round(math.sqrt(cfg.video_area))
