@@ -33,3 +33,14 @@ def test_playground_config_says_a_key_is_needed(client: TestClient):
     config = client.get("/playground/config.json", headers=NO_KEY).json()
     assert config["auth"] is True and config["variant"] == "tiny" and config["previews"] == 5
     assert "96x64" in config["note"]  # what the tiny variant makes of the default 992x512
+
+
+def test_open_server_playground_asks_for_no_key(tmp_path):
+    from ovi_server.api.app import build_app
+    from ovi_server.config import ServerConfig
+    from ovi_server.jobs.sqlite import SqliteJobStore
+
+    config = ServerConfig(data_dir=tmp_path)
+    app = build_app(config, SqliteJobStore(tmp_path / "jobs.sqlite3"))
+    with TestClient(app) as open_client:
+        assert open_client.get("/playground/config.json").json()["auth"] is False
