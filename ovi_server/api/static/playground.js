@@ -246,7 +246,10 @@ function startRun(app, input, handle) {
   showStatus({ status: handle.status, queue_position: handle.queue_position });
   remember({ id: run.id, app, prompt: input.prompt, at: Date.now(), outcome: "running" });
   followStatus(run).catch((err) => {
-    if (err.name !== "AbortError") $("run-status").textContent = `status stream failed: ${err.message}`;
+    if (err.name === "AbortError") return;
+    $("run-status").textContent = `status stream failed: ${err.message}`;
+    $("submit").disabled = false;
+    done(run, "stream failed");
   });
 }
 
