@@ -85,6 +85,19 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="allow running without keys on a non-loopback address [env OVI_NO_AUTH]",
     )
 
+    limits = p.add_argument_group("security limits (README: Security)")
+    env_option(
+        limits,
+        "--allowed-networks",
+        "OVI_ALLOWED_NETWORKS",
+        "comma-separated CIDR ranges that image_url fetches and webhooks may reach besides public "
+        "addresses (e.g. 10.0.0.0/8 for on-prem receivers); default: public addresses only",
+        "",
+    )
+    env_option(limits, "--max-body-bytes", "OVI_MAX_BODY_BYTES", "largest POST body (413 above)", str(32 << 20), type=int)  # fmt: skip
+    env_option(limits, "--max-queued-per-key", "OVI_MAX_QUEUED_PER_KEY", "queued + running requests per API key (429 above)", "100", type=int)  # fmt: skip
+    env_option(limits, "--fetch-timeout", "OVI_FETCH_TIMEOUT", "seconds to download an image_url at submit, in all", "10", type=float)  # fmt: skip
+
     data = p.add_argument_group("data")
     env_option(
         data, "--data-dir", "OVI_DATA_DIR", "jobs database, files, webhook key (default: the user data dir)"
@@ -149,7 +162,20 @@ def build_server_config(args: argparse.Namespace) -> ServerConfig:
         storage=args.storage,
         s3_bucket=args.s3_bucket,
         s3_endpoint_url=args.s3_endpoint_url,
+        allowed_networks=tuple(str(n) for n in _networks(args.allowed_networks)),
+        max_body_bytes=int(args.max_body_bytes),
+        max_queued_per_key=int(args.max_queued_per_key),
+        fetch_timeout_s=float(args.fetch_timeout),
     )
+
+
+def _networks(text: str | None) -> tuple:
+    from ovi_server.outbound import parse_networks
+
+    try:
+        return parse_networks(text)
+    except ValueError as exc:
+        raise SystemExit(f"--allowed-networks / OVI_ALLOWED_NETWORKS: {exc}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -162,8 +188,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_auth(config: ServerConfig) -> None:
+    from ovi_server.api.auth import KeyRing
+
+    try:
+        ids = KeyRing(config.api_keys).ids
+    except ValueError as exc:
+        raise SystemExit(f"--api-keys / OVI_API_KEYS: {exc}") from None
     if config.api_keys:
-        logger.info("auth: %d API key(s)", len(config.api_keys))
+        logger.info("auth: %d API key(s): %s", len(ids), ", ".join(ids))
     elif is_loopback(config.host):
         logger.warning(
             "auth: no API keys (OVI_API_KEYS); open to local clients only, listening on %s", config.host
@@ -204,7 +236,14 @@ def serve(args: argparse.Namespace) -> int:
     files = build_files(config)
     metrics = Metrics(store)
     # The worker runs in this process, as a thread: the model loads once, before the port opens.
-    worker = Worker(config.engine, store, files, metrics, pipeline=load_pipeline(config.engine))
+    worker = Worker(
+        config.engine,
+        store,
+        files,
+        metrics,
+        pipeline=load_pipeline(config.engine),
+        tmp_dir=config.data_dir / "tmp",
+    )
     worker.start()
     app = build_app(config, store, files, metrics)
 

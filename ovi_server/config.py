@@ -272,7 +272,8 @@ class ServerConfig:
     public_url: str | None = None
     data_dir: Path = Path("ovi-data")  # jobs.sqlite3, files/, webhook signing key
     # "id:secret" pairs (or bare keys). Empty: open, which cli.py only allows on loopback or with no_auth.
-    api_keys: tuple[str, ...] = ()
+    # Secrets: kept out of repr (the start-up log prints the config).
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     no_auth: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -286,3 +287,9 @@ class ServerConfig:
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
     s3_prefix: str = "ovi/"
+    # Security limits (README "Security"). CIDR ranges outbound fetches and webhooks may reach besides
+    # public addresses (on-prem receivers, tests on loopback).
+    allowed_networks: tuple[str, ...] = ()
+    max_body_bytes: int = 32 << 20  # POST bodies; a data-URI image fits
+    max_queued_per_key: int = 100  # queued + running requests per API key; more get 429
+    fetch_timeout_s: float = 10.0  # total time to download an image_url at submit

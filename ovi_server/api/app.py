@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from ovi_server import __version__
 from ovi_server.api import errors, pages, schemas
 from ovi_server.api.auth import KeyRing
+from ovi_server.api.limits import BodyLimitMiddleware
 from ovi_server.api.proxy import FalProxyMiddleware
 from ovi_server.api.routes import router
 from ovi_server.config import ServerConfig
@@ -22,6 +23,7 @@ from ovi_server.jobs.files import FileStore, LocalFiles, S3Files
 from ovi_server.jobs.metrics import Metrics
 from ovi_server.jobs.store import JobStore
 from ovi_server.jobs.webhooks import WebhookSender, WebhookSigner
+from ovi_server.outbound import URLPolicy, parse_networks
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +48,14 @@ def build_app(
     files = files if files is not None else build_files(config)
     metrics = metrics if metrics is not None else Metrics(store)
     signer = WebhookSigner.load_or_create(config.data_dir / "webhook_ed25519.pem")
+    url_policy = URLPolicy(parse_networks(config.allowed_networks))
     sender = WebhookSender(
-        store, signer, schemas.webhook_payload, config.webhook_retry_base_s, config.webhook_max_retries
+        store,
+        signer,
+        schemas.webhook_payload,
+        config.webhook_retry_base_s,
+        config.webhook_max_retries,
+        policy=url_policy,
     )
 
     @contextlib.asynccontextmanager
@@ -73,9 +81,11 @@ def build_app(
     app.state.metrics = metrics
     app.state.signer = signer
     app.state.keys = KeyRing(config.api_keys)
+    app.state.url_policy = url_policy
     errors.install(app)
     app.include_router(router)
     pages.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)  # sees the proxied path
     app.add_middleware(FalProxyMiddleware)
     # Outermost: answers browser preflights for proxy mode before the proxy looks at them (spec §13).
     app.add_middleware(

@@ -31,7 +31,17 @@ def key_id(key: str) -> str:
 class KeyRing:
     def __init__(self, keys: Iterable[str]):
         self._keys = [(key_id(k), _digest(k)) for k in keys if k]
+        seen: set[str] = set()
+        for kid, _ in self._keys:
+            if kid in seen:
+                # The id owns requests (tenancy): two keys with one id would see each other's requests.
+                raise ValueError(f"two API keys have the id {kid!r}; give each key its own id (id:secret)")
+            seen.add(kid)
         self._tokens: dict[bytes, tuple[str, float]] = {}  # digest → (owner, expires at)
+
+    @property
+    def ids(self) -> list[str]:
+        return [kid for kid, _ in self._keys]
 
     @property
     def open(self) -> bool:

@@ -4,12 +4,14 @@
 - unknown request → 404 {"detail": ...}; on cancel {"status": "NOT_FOUND"} (fal's cancel contract)
 - unknown file or upload URL (FileNotFoundError from the file store) → 404
 - missing / wrong API key → 401 {"detail": ...}
+- limits (body too large 413, per-key quota 429) → {"detail", "error_type"} + X-Fal-Error-Type
 - anything else → 500 {"detail", "error_type": "internal_error"} + X-Fal-Error-Type
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,9 +27,27 @@ class Unauthorized(Exception):
     """No or a wrong `Authorization: Key ...` header."""
 
 
+class FalError(HTTPException):
+    """An error fal answers as `{"detail", "error_type"}` with `X-Fal-Error-Type` (413, 429, ...).
+
+    An HTTPException, so FastAPI passes it through unchanged when it is raised while reading a body."""
+
+    def __init__(self, status_code: int, detail: str, error_type: str, headers: dict[str, str] | None = None):
+        super().__init__(status_code, detail, {"X-Fal-Error-Type": error_type, **(headers or {})})
+        self.error_type = error_type
+
+
+# Job ids are UUIDs; anything that could not be one (or could not go back in a header) is simply unknown.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def is_request_id(value: str) -> bool:
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
 def _request_id_headers(request: Request) -> dict[str, str]:
     request_id = request.path_params.get("request_id")
-    return {"x-fal-request-id": request_id} if request_id else {}
+    return {"x-fal-request-id": request_id} if request_id and is_request_id(request_id) else {}
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -50,6 +70,12 @@ async def on_file_not_found(request: Request, exc: FileNotFoundError) -> JSONRes
     return JSONResponse({"detail": str(exc)}, status_code=404)
 
 
+async def on_fal_error(request: Request, exc: FalError) -> JSONResponse:
+    return JSONResponse(
+        {"detail": exc.detail, "error_type": exc.error_type}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
 async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
@@ -66,5 +92,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFound, on_job_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(Unauthorized, on_unauthorized)  # type: ignore[arg-type]
     app.add_exception_handler(FileNotFoundError, on_file_not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(FalError, on_fal_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_unexpected)

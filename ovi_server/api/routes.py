@@ -10,16 +10,21 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 
-from ovi_server.api import schemas
+from ovi_server import outbound
+from ovi_server.api import limits, schemas
 from ovi_server.api.auth import require_key, require_key_or_token
+from ovi_server.api.errors import FalError, is_request_id
 from ovi_server.engine.request import GenerationRequest
+from ovi_server.errors import JobNotFound
 from ovi_server.jobs.store import (
     Job,
     JobFailure,
@@ -37,6 +42,8 @@ SSE_POLL_S = 0.25
 SSE_PING_S = 15.0
 RUN_POLL_S = 0.25
 MAX_UPLOAD_BYTES = 90 << 20
+UPLOAD_SPOOL_BYTES = 1 << 20  # uploads larger than this go through a temporary file, not memory
+QUOTA_RETRY_AFTER_S = 10
 
 
 def base_url(request: Request) -> str:
@@ -65,15 +72,86 @@ def _wants_logs(value: str | None) -> bool:
     return (value or "").lower() in ("1", "true", "yes")
 
 
+def _owned(request: Request, request_id: str, owner: str) -> Job:
+    """The caller's own job: another key's request is unknown to it (404, exactly as a missing id)."""
+    if not is_request_id(request_id):
+        raise JobNotFound(f"no request with id {request_id[:80]!r}")
+    job = _store(request).get(request_id)
+    if job.owner != owner:
+        raise JobNotFound(f"no request with id {request_id!r}")
+    return job
+
+
+def _check_quota(request: Request, owner: str) -> None:
+    limit = request.app.state.config.max_queued_per_key
+    active = _store(request).active_count(owner)
+    if active >= limit:
+        raise FalError(
+            429,
+            f"this API key has {active} requests queued or running, the limit (OVI_MAX_QUEUED_PER_KEY) is "
+            f"{limit}; wait for some to finish, then submit again",
+            "rate_limited",
+            {"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+        )
+
+
+async def _check_webhook(request: Request) -> str | None:
+    """`fal_webhook`, if any, checked against the outbound URL policy: refused → 422 now, not at delivery."""
+    url = request.query_params.get("fal_webhook") or None
+    if url is None:
+        return None
+    try:
+        await asyncio.to_thread(request.app.state.url_policy.check, url)
+    except outbound.Refused as exc:
+        logger.info("fal_webhook refused: %s", exc.reason)
+        raise RequestValidationError(
+            [{"loc": ("query", "fal_webhook"), "msg": str(exc), "type": "value_error"}]
+        ) from None
+    return url
+
+
 async def _read_input(request: Request, app: str) -> tuple[GenerationRequest | None, JobFailure | None]:
-    generation = schemas.to_generation_request(app, await request.body())
+    body = await request.body()
+    # Off the event loop: parsing a body of many MiB would stall every other request (/health included).
+    generation = await asyncio.to_thread(schemas.to_generation_request, app, body)
     if isinstance(generation, JobFailure):
         return None, generation
-    return generation, None
+    return await _fetch_image(request, generation)
+
+
+async def _fetch_image(
+    request: Request, generation: GenerationRequest
+) -> tuple[GenerationRequest | None, JobFailure | None]:
+    """Download an http(s) `image_url` now, into the file store, so that a slow or dead host costs this
+    request its fetch deadline and never holds a worker. Our own file URLs are read from the store later."""
+    image, base = generation.image, base_url(request)
+    if image is None or not image.startswith(("http://", "https://")) or image.startswith(f"{base}/files/"):
+        return generation, None
+    config = request.app.state.config
+    try:
+        data = await asyncio.to_thread(
+            request.app.state.url_policy.fetch,
+            image,
+            max_bytes=outbound.DEFAULT_MAX_BYTES,
+            deadline_s=config.fetch_timeout_s,
+        )
+    except outbound.Refused as exc:
+        logger.info("image_url not fetched: %s", exc.reason)  # the reason is for the operator only
+        return None, schemas.invalid("image_url", str(exc))
+    except outbound.TooLarge as exc:
+        return None, schemas.invalid("image_url", f"{exc}; send a smaller image (JPEG or WebP)")
+    key = f"inputs/{uuid.uuid4().hex}/image"
+    await asyncio.to_thread(request.app.state.files.put_bytes, key, data, "application/octet-stream")
+    return replace(generation, image=f"{base}/files/{key}"), None
 
 
 def _new_job(
-    request: Request, app: str, owner: str, generation: GenerationRequest | None, failure: JobFailure | None
+    request: Request,
+    app: str,
+    owner: str,
+    generation: GenerationRequest | None,
+    failure: JobFailure | None,
+    webhook_url: str | None = None,
 ) -> NewJob:
     priority = request.headers.get("x-fal-queue-priority", "normal").lower()
     return NewJob(
@@ -82,7 +160,7 @@ def _new_job(
         owner=owner,
         base_url=base_url(request),
         priority=Priority.LOW if priority == "low" else Priority.NORMAL,
-        webhook_url=request.query_params.get("fal_webhook") or None,
+        webhook_url=webhook_url,
         start_deadline=schemas.start_deadline(request.headers.get("x-fal-request-timeout"), time.time()),
         failure=failure,
     )
@@ -97,9 +175,11 @@ def _input_doc(model: type) -> dict[str, Any]:
 
 
 async def _submit(request: Request, app: str, owner: str) -> JSONResponse:
+    _check_quota(request, owner)
+    webhook_url = await _check_webhook(request)
     generation, failure = await _read_input(request, app)
     store = _store(request)
-    job = store.submit(_new_job(request, app, owner, generation, failure))
+    job = store.submit(_new_job(request, app, owner, generation, failure, webhook_url))
     logger.info(
         "job %s submitted app=%s owner=%s%s", job.id, app, owner, " (invalid input)" if failure else ""
     )
@@ -137,15 +217,19 @@ def _status(request: Request, job: Job, logs: bool) -> dict[str, Any]:
     return schemas.status_body(job, base_url(request), position, lines)
 
 
-async def get_status(request: Request, request_id: str, logs: str | None = None) -> JSONResponse:
-    job = _store(request).get(request_id)
+async def get_status(
+    request: Request, request_id: str, logs: str | None = None, owner: str = Depends(require_key)
+) -> JSONResponse:
+    job = _owned(request, request_id, owner)
     code = 200 if job.status.finished else 202
     return _json(_status(request, job, _wants_logs(logs)), code, request_id=job.id)
 
 
-async def stream_status(request: Request, request_id: str, logs: str | None = None) -> StreamingResponse:
+async def stream_status(
+    request: Request, request_id: str, logs: str | None = None, owner: str = Depends(require_key)
+) -> StreamingResponse:
     store = _store(request)
-    job = store.get(request_id)  # 404 before the stream starts
+    job = _owned(request, request_id, owner)  # 404 before the stream starts
     with_logs, base = _wants_logs(logs), base_url(request)
 
     async def events() -> AsyncIterator[str]:
@@ -182,11 +266,12 @@ def _result(request: Request, job: Job) -> JSONResponse:
     return _json(body, code, request_id=job.id, **headers)
 
 
-async def get_result(request: Request, request_id: str) -> JSONResponse:
-    return _result(request, _store(request).get(request_id))
+async def get_result(request: Request, request_id: str, owner: str = Depends(require_key)) -> JSONResponse:
+    return _result(request, _owned(request, request_id, owner))
 
 
-async def cancel(request: Request, request_id: str) -> JSONResponse:
+async def cancel(request: Request, request_id: str, owner: str = Depends(require_key)) -> JSONResponse:
+    _owned(request, request_id, owner)  # the owner never changes, so checking first is enough
     before = _store(request).request_cancel(request_id)
     if before.finished:
         return _json({"status": "ALREADY_COMPLETED"}, 400, request_id=request_id)
@@ -194,8 +279,9 @@ async def cancel(request: Request, request_id: str) -> JSONResponse:
     return _json({"status": "CANCELLATION_REQUESTED"}, 202, request_id=request_id)
 
 
-async def get_preview(request: Request, request_id: str) -> Response:
+async def get_preview(request: Request, request_id: str, owner: str = Depends(require_key)) -> Response:
     """The latest live preview (PNG, at most 256 px) of a request's video while it denoises."""
+    _owned(request, request_id, owner)
     png = _store(request).preview(request_id)
     if png is None:
         raise HTTPException(
@@ -215,7 +301,6 @@ for _root in (schemas.APP_ROOT, schemas.IMAGE_TO_VIDEO):
         f"{_base}/status",
         get_status,
         methods=["GET"],
-        dependencies=authed,
         tags=["queue"],
         include_in_schema=_doc,
         summary="Request status",
@@ -224,7 +309,6 @@ for _root in (schemas.APP_ROOT, schemas.IMAGE_TO_VIDEO):
         f"{_base}/status/stream",
         stream_status,
         methods=["GET"],
-        dependencies=authed,
         tags=["queue"],
         include_in_schema=_doc,
         summary="Request status as server-sent events",
@@ -233,7 +317,6 @@ for _root in (schemas.APP_ROOT, schemas.IMAGE_TO_VIDEO):
         _base,
         get_result,
         methods=["GET"],
-        dependencies=authed,
         tags=["queue"],
         include_in_schema=_doc,
         summary="Request result",
@@ -243,28 +326,26 @@ for _root in (schemas.APP_ROOT, schemas.IMAGE_TO_VIDEO):
         f"{_base}/preview",
         get_preview,
         methods=["GET"],
-        dependencies=authed,
         tags=["queue"],
         include_in_schema=_doc,
         summary="Live preview of the video while it denoises (PNG)",
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}},
     )
-    router.add_api_route(f"{_base}/cancel", cancel, methods=["PUT"], dependencies=authed, tags=["queue"], include_in_schema=_doc, summary="Cancel a request")  # fmt: skip
+    router.add_api_route(f"{_base}/cancel", cancel, methods=["PUT"], tags=["queue"], include_in_schema=_doc, summary="Cancel a request")  # fmt: skip
 
 
 # -- sync run (fal.run): same queue, the response waits for the result --------------------------------
 
 
 async def _run(request: Request, app: str, owner: str) -> JSONResponse:
+    _check_quota(request, owner)
     generation, failure = await _read_input(request, app)
     if failure is not None:
         code, body, headers = schemas.failure_response(failure)
         return _json(body, code, **headers)
     store = _store(request)
-    job = store.submit(
-        replace(_new_job(request, app, owner, generation, None), webhook_url=None)
-    )  # queue API only
+    job = store.submit(_new_job(request, app, owner, generation, None))  # no webhook: queue API only
     logger.info("job %s submitted (sync run) app=%s owner=%s", job.id, app, owner)
     while not job.status.finished:
         if await request.is_disconnected():
@@ -298,24 +379,49 @@ async def upload_initiate(request: Request, body: schemas.UploadInitiate) -> dic
 
 @router.put("/storage/put/{key:path}", tags=["storage"])
 async def upload_put(request: Request, key: str) -> dict[str, Any]:
-    """Step 2: the bytes. No API key (the JS client sends none); the key is a one-time random name."""
-    files = request.app.state.files
-    size = files.write_upload(key, iter([await _upload_body(request)]), request.headers.get("content-type"))
+    """Step 2: the bytes. No API key (the JS client sends none); the key is a one-time random name,
+    checked before the body is read; the body streams to storage."""
+    size = await _store_upload(request, key, _content_type(request.headers.get("content-type")))
     return {"status": "ok", "file_size": size}
 
 
-async def _upload_body(request: Request) -> bytes:
-    """The request body, refused with 413 beyond MAX_UPLOAD_BYTES (single-part uploads; fal's JS client
-    switches to multipart above 90 MB, which this server does not offer)."""
+def _content_type(header: str | None) -> str | None:
+    """A client's Content-Type if it is a well-formed MIME type (it is served back in a header later)."""
+    return header if header and schemas.is_mime_type(header) else None
+
+
+async def _store_upload(request: Request, key: str, content_type: str | None) -> int:
+    """Stream the request body into the file store under the reserved `key`, refused with 413 beyond
+    MAX_UPLOAD_BYTES (single-part uploads; fal's JS client switches to multipart above 90 MB, which this
+    server does not offer). The store checks the key before it pulls the first chunk."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-        raise HTTPException(413, f"upload of {declared} bytes is over the {MAX_UPLOAD_BYTES >> 20} MB limit")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload is over the {MAX_UPLOAD_BYTES >> 20} MB limit")
-    return bytes(body)
+        raise FalError(
+            413,
+            f"upload of {declared} bytes is over the {MAX_UPLOAD_BYTES >> 20} MiB limit",
+            limits.ERROR_TYPE,
+        )
+    loop = asyncio.get_running_loop()
+    body = request.stream()
+    received = 0
+
+    async def next_chunk() -> bytes | None:
+        nonlocal received
+        async for chunk in body:
+            received += len(chunk)
+            if received > MAX_UPLOAD_BYTES:
+                raise FalError(
+                    413, f"upload is over the {MAX_UPLOAD_BYTES >> 20} MiB limit", limits.ERROR_TYPE
+                )
+            if chunk:
+                return chunk
+        return None
+
+    def chunks() -> Iterator[bytes]:  # runs in the store's thread; each chunk comes from the event loop
+        while (chunk := asyncio.run_coroutine_threadsafe(next_chunk(), loop).result()) is not None:
+            yield chunk
+
+    return await asyncio.to_thread(request.app.state.files.write_upload, key, chunks(), content_type)
 
 
 @router.post("/storage/auth/token", tags=["storage"])
@@ -330,21 +436,31 @@ async def upload_token(request: Request, owner: str = Depends(require_key)) -> d
 async def upload_file(request: Request) -> dict[str, str]:
     """fal-client's CDN upload: raw bytes in, `access_url` out."""
     files = request.app.state.files
-    content_type = request.headers.get("content-type", "application/octet-stream")
+    content_type = _content_type(request.headers.get("content-type")) or "application/octet-stream"
     key = files.reserve_upload(request.headers.get("x-fal-file-name", ""), content_type)
-    files.write_upload(key, iter([await _upload_body(request)]), content_type)
+    await _store_upload(request, key, content_type)
     return {"access_url": f"{base_url(request)}/files/{key}"}
 
 
 @router.get("/files/{key:path}", tags=["storage"], response_model=None)
 async def download(request: Request, key: str) -> Response:
-    """Uploaded inputs and generated MP4s. No API key: keys are unguessable, like fal's CDN URLs."""
+    """Uploaded inputs and generated MP4s. No API key: keys are unguessable, like fal's CDN URLs.
+
+    Uploads are anyone's bytes on our origin: never sniffed, sandboxed (no script runs even if opened),
+    and shown inline only when they are media; anything else (HTML, SVG, ...) downloads as an attachment."""
     files = request.app.state.files
     path = files.local_path(key)
     if path is None:
         return RedirectResponse(files.remote_url(key))
+    content_type = _content_type(files.content_type(key)) or "application/octet-stream"
+    major = content_type.split("/", 1)[0].lower()
+    inline = major in ("image", "video", "audio") and "svg" not in content_type.lower()
     return FileResponse(
-        path, media_type=files.content_type(key), filename=path.name, content_disposition_type="inline"
+        path,
+        media_type=content_type,
+        filename=path.name,
+        content_disposition_type="inline" if inline else "attachment",
+        headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"},
     )
 
 

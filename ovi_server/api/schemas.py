@@ -11,16 +11,19 @@ import datetime as dt
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ovi_server.engine.request import GenerationRequest
+from ovi_server.errors import InvalidInput
 from ovi_server.jobs.store import FailureKind, FieldError, Job, JobFailure, JobStatus, LogLine
+from ovi_server.prompt import MAX_PROMPT_CHARS, validate_prompt
 
 TEXT_TO_VIDEO = "fal-ai/ovi"
 IMAGE_TO_VIDEO = "fal-ai/ovi/image-to-video"
 # Status, result and cancel URLs drop the endpoint's sub-path (both clients do), so both apps share this root.
 APP_ROOT = "fal-ai/ovi"
 
+MAX_SEED = 2**63 - 1  # the engine's generator takes a signed 64-bit seed
 Resolution = Literal["512x992", "992x512", "960x512", "512x960", "720x720", "448x1120", "1120x448"]
 
 
@@ -34,13 +37,22 @@ class OviInput(BaseModel):
         "and <ENDAUDCAP>."
     )
     negative_prompt: str = Field(
-        "jitter, bad hands, blur, distortion", description="Negative prompt for video."
+        "jitter, bad hands, blur, distortion",
+        max_length=MAX_PROMPT_CHARS,
+        description="Negative prompt for video.",
     )
     audio_negative_prompt: str = Field(
-        "robotic, muffled, echo, distorted", description="Negative prompt for audio."
+        "robotic, muffled, echo, distorted",
+        max_length=MAX_PROMPT_CHARS,
+        description="Negative prompt for audio.",
     )
     num_inference_steps: int = Field(30, ge=1, le=50, description="Number of denoising steps.")
-    seed: int | None = Field(None, description="Random seed; a random one is drawn and returned when absent.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Random seed (0 ≤ seed < 2^63); a random one is drawn and returned when absent.",
+    )
     resolution: Resolution = Field(
         "992x512", description="Resolution of the generated video (width x height)."
     )
@@ -89,12 +101,15 @@ def to_generation_request(app: str, body: bytes) -> GenerationRequest | JobFailu
         )
         summary = "; ".join(f"{e.loc[-1]}: {e.msg}" for e in errors)
         return JobFailure(FailureKind.INVALID_INPUT, summary, errors)
+    try:
+        # Everything that needs neither the model nor the network is checked here, at submit, so a bad
+        # request is stored already failed and never takes a worker slot.
+        validate_prompt(fal.prompt)
+    except InvalidInput as exc:
+        return invalid("prompt", exc.msg, exc.kind)
     image = getattr(fal, "image_url", None)
     if image is not None and not image.startswith(("http://", "https://", "data:")):
-        msg = f"expected an http(s) URL or a data: URI, got {image[:40]!r}"
-        return JobFailure(
-            FailureKind.INVALID_INPUT, f"image_url: {msg}", (FieldError(("body", "image_url"), msg),)
-        )
+        return invalid("image_url", f"expected an http(s) URL or a data: URI, got {image[:40]!r}")
     width, height = (int(v) for v in fal.resolution.split("x"))
     return GenerationRequest(
         prompt=fal.prompt,
@@ -105,6 +120,11 @@ def to_generation_request(app: str, body: bytes) -> GenerationRequest | JobFailu
         video_negative_prompt=fal.negative_prompt,
         audio_negative_prompt=fal.audio_negative_prompt,
     )
+
+
+def invalid(field: str, msg: str, kind: str = "value_error") -> JobFailure:
+    """The stored 422 for one bad field of the body (fal's name)."""
+    return JobFailure(FailureKind.INVALID_INPUT, f"{field}: {msg}", (FieldError(("body", field), msg, kind),))
 
 
 def start_deadline(header: str | None, now: float) -> float | None:
@@ -237,5 +257,21 @@ class UploadInitiate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    content_type: str = "application/octet-stream"
-    file_name: str | None = None
+    content_type: str = Field("application/octet-stream", max_length=255)
+    file_name: str | None = Field(None, max_length=1000)
+
+    @field_validator("content_type")
+    @classmethod
+    def _mime_type(cls, value: str) -> str:
+        if not is_mime_type(value):
+            raise ValueError("expected a MIME type such as image/png (type/subtype, ASCII, no spaces)")
+        return value
+
+
+# RFC 6838 names (type/subtype), optionally `; param=value` pairs: what may go back in a Content-Type header.
+_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+_MIME = re.compile(rf"{_TOKEN}/{_TOKEN}([ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|\"[ !#-~]*\"))*")
+
+
+def is_mime_type(value: str) -> bool:
+    return len(value) <= 255 and _MIME.fullmatch(value) is not None

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_next_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, status);
 CREATE TABLE IF NOT EXISTS logs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -130,6 +131,16 @@ class SqliteJobStore:
         if row is None:
             raise JobNotFound(f"no request with id {job_id!r}")
         return _job(row)
+
+    def active_count(self, owner: str) -> int:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')", (owner,)
+            )
+            .fetchone()
+        )
+        return int(row[0])
 
     def queue_position(self, job_id: str) -> int:
         job = self.get(job_id)

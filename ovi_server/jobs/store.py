@@ -125,6 +125,10 @@ class JobStore(Protocol):
         """Raises errors.JobNotFound."""
         ...
 
+    def active_count(self, owner: str) -> int:
+        """How many of `owner`'s jobs are QUEUED or RUNNING (the per-key quota)."""
+        ...
+
     def queue_position(self, job_id: str) -> int:
         """0: next to run. Only meaningful while QUEUED."""
         ...

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ovi_server.jobs.store import Job, JobStore, WebhookState
+from ovi_server.outbound import URLPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,13 @@ RenderPayload = Callable[[Job], dict[str, Any]]
 
 
 class WebhookSender:
-    """A thread that delivers due webhooks: attempt n+1 waits retry_base_s·2^n after attempt n fails."""
+    """Delivers due webhooks from a small thread pool: attempt n+1 waits retry_base_s·2^n after attempt n.
+
+    At most `per_host` deliveries run at once to one receiver (host:port), so a slow receiver delays
+    only its own webhooks; the rest of the pool serves everyone else. Every POST goes through the
+    outbound URL policy (checked address, no redirects), and a failed attempt is logged as "HTTP <code>"
+    or one generic "could not connect", never the network error (the job's logs are the caller's).
+    """
 
     def __init__(
         self,
@@ -89,11 +97,18 @@ class WebhookSender:
         retry_base_s: float = 7.0,
         max_retries: int = 10,
         timeout_s: float = 15.0,
+        policy: URLPolicy | None = None,
+        workers: int = 8,
+        per_host: int = 2,
     ):
         self.store, self.signer, self.render = store, signer, render
         self.retry_base_s, self.max_retries, self.timeout_s = retry_base_s, max_retries, timeout_s
+        self.policy = policy if policy is not None else URLPolicy()
+        self.workers, self.per_host = workers, per_host
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, str] = {}  # job id → receiver (host:port)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
@@ -105,11 +120,37 @@ class WebhookSender:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=self.timeout_s) as client:
-            while not self._stop.is_set():
-                for job in self.store.due_webhooks(time.time()):
-                    self.deliver(client, job)
-                self._stop.wait(0.2)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="webhook")
+        with self.policy.client(self.timeout_s) as client:
+            try:
+                while not self._stop.is_set():
+                    for job in self.store.due_webhooks(time.time()):
+                        if self._claim(job):
+                            pool.submit(self._deliver_and_release, client, job)
+                    self._stop.wait(0.2)
+            finally:
+                # An attempt cut short by the client closing is recorded as failed and retried later.
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _claim(self, job: Job) -> bool:
+        """Reserve a slot for `job`: not already in flight, its receiver under `per_host`, a free thread."""
+        receiver = _receiver(job.webhook_url or "")
+        with self._lock:
+            if job.id in self._in_flight or len(self._in_flight) >= self.workers:
+                return False
+            if sum(r == receiver for r in self._in_flight.values()) >= self.per_host:
+                return False
+            self._in_flight[job.id] = receiver
+            return True
+
+    def _deliver_and_release(self, client: httpx.Client, job: Job) -> None:
+        try:
+            self.deliver(client, job)
+        except Exception:  # noqa: BLE001 -- e.g. the store is briefly locked: the next round retries
+            logger.exception("job %s webhook delivery failed unexpectedly", job.id)
+        finally:
+            with self._lock:
+                self._in_flight.pop(job.id, None)
 
     def deliver(self, client: httpx.Client, job: Job) -> bool:
         assert job.webhook_url is not None
@@ -121,7 +162,8 @@ class WebhookSender:
             outcome = f"HTTP {response.status_code}"
             ok = response.is_success
         except httpx.HTTPError as exc:
-            outcome, ok = f"{type(exc).__name__}: {exc}", False
+            logger.info("job %s webhook: %s: %s", job.id, type(exc).__name__, exc)  # operator's log only
+            outcome, ok = "could not connect", False
         if ok:
             self.store.record_webhook(job.id, WebhookState.DELIVERED, None)
             self.store.append_log(
@@ -141,3 +183,11 @@ class WebhookSender:
         self.store.append_log(job.id, msg, "WARN")
         logger.warning("job %s %s", job.id, msg)
         return False
+
+
+def _receiver(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return url
+    return f"{parsed.host}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"

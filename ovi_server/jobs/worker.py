@@ -11,6 +11,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
+import re
+import shutil
 import tempfile
 import threading
 import time
@@ -55,10 +58,15 @@ class Worker:
         metrics: Metrics | None = None,
         pipeline: Pipeline | None = None,
         poll_s: float = 0.1,
+        tmp_dir: Path | None = None,
     ):
         self.config, self.store, self.files, self.metrics = config, store, files, metrics
         self.pipeline = pipeline
         self.poll_s = poll_s
+        # Where each job's scratch directory goes; those of dead processes are swept at start-up.
+        self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        sweep_scratch(self.tmp_dir)
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -103,7 +111,6 @@ class Worker:
         request = job.request
         if request.seed is None:
             request = replace(request, seed=random_seed(job.id))
-        request = replace(request, image=self._local_image(job, request.image))
         w, h = request.size or (0, 0)
         logger.info(
             "job %s started variant=%s size=%dx%d steps=%s seed=%d attempt=%d",
@@ -115,8 +122,11 @@ class Worker:
         self.store.append_log(job.id, f"started: {asked}, {steps} steps, seed {request.seed}")
         started = time.perf_counter()
         failure: JobFailure | None = None
-        with tempfile.TemporaryDirectory(prefix=f"ovi-{job.id}-") as tmp:
+        with tempfile.TemporaryDirectory(
+            prefix=f"{SCRATCH_PREFIX}{os.getpid()}-{job.id}-", dir=self.tmp_dir
+        ) as tmp:
             try:
+                request = replace(request, image=self._local_image(job, request.image))
                 clip = self.pipeline.generate(request, Path(tmp) / "output.mp4", self._progress(job))
                 key = f"outputs/{job.id}/output.mp4"
                 size = self.files.put_file(key, clip.path, "video/mp4")
@@ -154,19 +164,18 @@ class Worker:
             self.metrics.job_seconds.labels(outcome).observe(time.time() - job.created_at)
 
     def _local_image(self, job: Job, image: str | None) -> str | None:
-        """Our own file URLs (uploads) → a data: URI of the stored file, so the engine need not call back
-        over HTTP(S) (our public URL may be a TLS name the worker cannot verify, or unreachable from it)."""
+        """Our own file URLs (uploads, and images the API fetched at submit) → a data: URI of the stored
+        file: the worker never fetches over the network (the API did, under the outbound URL policy)."""
         prefix = f"{job.base_url}/files/"
         if image is None or not job.base_url or not image.startswith(prefix):
             return image
         key = image[len(prefix) :]
         try:
-            path = self.files.local_path(key)
-        except FileNotFoundError:
-            return image  # the engine reports the dead URL as InvalidInput on image_url
-        if path is None:
-            return image
-        data = base64.b64encode(path.read_bytes()).decode()
+            data = base64.b64encode(self.files.read_bytes(key)).decode()
+        except FileNotFoundError as exc:
+            raise InvalidInput(
+                "image", "the uploaded image no longer exists (uploads expire); upload it again"
+            ) from exc
         return f"data:{self.files.content_type(key)};base64,{data}"
 
     def _progress(self, job: Job) -> ProgressCallback:
@@ -199,6 +208,37 @@ class Worker:
         if every <= 0 or progress.preview is None or progress.done == 0:
             return False
         return progress.done % every == 0 or progress.done == progress.total
+
+
+SCRATCH_PREFIX = "ovi-"
+_SCRATCH = re.compile(rf"{SCRATCH_PREFIX}(\d+)-")
+
+
+def sweep_scratch(tmp_dir: Path) -> int:
+    """Delete job scratch directories left by processes that died (SIGKILL, OOM); returns how many.
+    A directory's name carries its process id, so live workers sharing `tmp_dir` keep theirs."""
+    swept = 0
+    for path in tmp_dir.glob(f"{SCRATCH_PREFIX}*"):
+        match = _SCRATCH.match(path.name)
+        if match is None or not path.is_dir() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        swept += 1
+    if swept:
+        logger.info("removed %d scratch directories left by stopped processes in %s", swept, tmp_dir)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def random_seed(job_id: str) -> int:

@@ -96,7 +96,13 @@ def pipeline() -> FakePipeline:
 
 @pytest.fixture
 def server_config(tmp_path: Path) -> ServerConfig:
-    return ServerConfig(data_dir=tmp_path, api_keys=(KEY, "barekey123"), webhook_retry_base_s=0.2)
+    # The webhook receivers of these tests listen on loopback, which the URL policy opens only on request.
+    return ServerConfig(
+        data_dir=tmp_path,
+        api_keys=(KEY, "barekey123"),
+        webhook_retry_base_s=0.2,
+        allowed_networks=("127.0.0.0/8",),
+    )
 
 
 @pytest.fixture

@@ -121,7 +121,7 @@ def test_image_to_video_requires_a_url_or_data_uri(client: TestClient):
 
 
 def test_unloadable_image_is_a_422_on_image_url(client: TestClient):
-    rid = submit(client, {"prompt": "p", "image_url": "https://example.invalid/broken.png"}, I2V)
+    rid = submit(client, {"prompt": "p", "image_url": "data:image/png;name=broken;base64,AAAA"}, I2V)
     wait_completed(client, rid)
     result = client.get(f"/fal-ai/ovi/requests/{rid}")
     assert result.status_code == 422
