@@ -11,26 +11,25 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import time
 import urllib.parse
 import warnings
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from ovi_server import outbound
 from ovi_server.errors import InvalidInput
+from ovi_server.outbound import URLPolicy
 from ovi_server.shapes import best_hw_for_area
 
 FIELD = "image_url"
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_BYTES = outbound.DEFAULT_MAX_BYTES
 DEFAULT_MAX_PIXELS = 40_000_000  # 8K UHD is 33 MP; more is almost surely a mistake or a decompression bomb
-DEFAULT_TIMEOUT_S = 30.0
-MAX_REDIRECTS = 5
+DEFAULT_TIMEOUT_S = outbound.DEFAULT_DEADLINE_S
 _SUPPORTED = "send a PNG, JPEG or WebP image"
 
 
@@ -42,6 +41,7 @@ def load_first_frame(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     allow_paths: bool = True,
+    policy: URLPolicy | None = None,
 ) -> Tensor:
     """The i2v first frame from an http(s) URL, a `data:` URI or (with `allow_paths`) a local file.
 
@@ -51,20 +51,30 @@ def load_first_frame(
         allow_paths: accept local file paths (for the CLI). The HTTP API admits only http(s) and
             data: URIs at the edge (api/schemas.py); pass False wherever `source` is untrusted and
             unchecked, since a path lets the caller read any image file the server can.
+        policy: which hosts http(s) URLs may reach (default: public addresses only; outbound.py).
     Returns:
         [1, 3, 1, H, W] float32, [-1, 1] up to bicubic overshoot, H and W multiples of 32.
     """
-    data = read_image_bytes(source, max_bytes=max_bytes, timeout_s=timeout_s, allow_paths=allow_paths)
+    data = read_image_bytes(
+        source, max_bytes=max_bytes, timeout_s=timeout_s, allow_paths=allow_paths, policy=policy
+    )
     image = decode_image(data, max_pixels=max_pixels, label=_describe(source))
     return image_to_first_frame(image, area)
 
 
-def read_image_bytes(source: str, *, max_bytes: int, timeout_s: float, allow_paths: bool = True) -> bytes:
-    """The raw bytes behind `source`, at most `max_bytes` of them."""
+def read_image_bytes(
+    source: str,
+    *,
+    max_bytes: int,
+    timeout_s: float,
+    allow_paths: bool = True,
+    policy: URLPolicy | None = None,
+) -> bytes:
+    """The raw bytes behind `source`, at most `max_bytes` of them; http(s) within `timeout_s` in all."""
     source = source.strip()
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     if scheme in ("http", "https"):
-        return _download(source, max_bytes=max_bytes, timeout_s=timeout_s)
+        return _download(source, max_bytes=max_bytes, timeout_s=timeout_s, policy=policy or URLPolicy())
     if scheme == "data":
         return _decode_data_uri(source, max_bytes=max_bytes)
     if allow_paths and (scheme in ("", "file") or len(scheme) == 1):  # one letter: a Windows drive
@@ -137,48 +147,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _download(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
-    label = _describe(url)
-    deadline = time.monotonic() + timeout_s  # httpx timeouts are per read; this bounds a slow drip too
+def _download(url: str, *, max_bytes: int, timeout_s: float, policy: URLPolicy) -> bytes:
+    """Through the outbound URL policy: one generic message for every refusal or network failure."""
     try:
-        with (
-            httpx.Client(timeout=timeout_s, follow_redirects=True, max_redirects=MAX_REDIRECTS) as client,
-            client.stream("GET", url, headers={"Accept": "image/*"}) as response,
-        ):
-            if response.status_code >= 400:
-                raise InvalidInput(
-                    FIELD,
-                    f"downloading {label} failed: the server answered HTTP {response.status_code} "
-                    f"{response.reason_phrase}; check that the URL is public and still valid",
-                )
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise InvalidInput(FIELD, _too_many_bytes(label, int(declared), max_bytes))
-            chunks: list[bytes] = []
-            received = 0
-            for chunk in response.iter_bytes():
-                received += len(chunk)
-                if received > max_bytes:
-                    # how much more would come is unknown: the message names the limit, not the chunk count
-                    raise InvalidInput(FIELD, _too_many_bytes(label, max_bytes, max_bytes, at_least=True))
-                if time.monotonic() > deadline:
-                    raise InvalidInput(
-                        FIELD,
-                        f"downloading {label} took longer than {timeout_s:g} s; host the image elsewhere",
-                    )
-                chunks.append(chunk)
-    except httpx.TimeoutException as exc:
+        return policy.fetch(url, max_bytes=max_bytes, deadline_s=timeout_s)
+    except outbound.Refused as exc:
+        raise InvalidInput(FIELD, str(exc)) from exc
+    except outbound.TooLarge as exc:
+        # how much more would come is unknown: the message names the limit
         raise InvalidInput(
-            FIELD, f"downloading {label} timed out after {timeout_s:g} s; check that the host is reachable"
+            FIELD, _too_many_bytes(_describe(url), max_bytes, max_bytes, at_least=True)
         ) from exc
-    except httpx.TooManyRedirects as exc:
-        raise InvalidInput(FIELD, f"{label} redirects more than {MAX_REDIRECTS} times") from exc
-    except httpx.HTTPError as exc:  # connection refused, DNS failure, TLS error, broken transfer
-        reason = str(exc) or type(exc).__name__
-        raise InvalidInput(
-            FIELD, f"could not download {label} ({reason}); check that the URL is reachable from the server"
-        ) from exc
-    return b"".join(chunks)
 
 
 def _decode_data_uri(uri: str, *, max_bytes: int) -> bytes:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from ovi_server.errors import InvalidInput
 from ovi_server.media.images import decode_image, image_to_first_frame, load_first_frame, read_image_bytes
+from ovi_server.outbound import REFUSED_MESSAGE, URLPolicy, parse_networks
 
 AREA = 64 * 96  # the tiny area of the loop_i2v golden case
 
@@ -88,8 +89,12 @@ def server() -> Iterator[str]:
     httpd.server_close()
 
 
+# The test servers listen on loopback, which the outbound URL policy opens only when told to.
+LOOPBACK = URLPolicy(parse_networks("127.0.0.0/8"))
+
+
 def _error(source: str, **limits) -> InvalidInput:
-    kwargs = {"max_bytes": 1 << 20, "max_pixels": 10**6, "timeout_s": 5.0} | limits
+    kwargs = {"max_bytes": 1 << 20, "max_pixels": 10**6, "timeout_s": 5.0, "policy": LOOPBACK} | limits
     with pytest.raises(InvalidInput) as info:
         load_first_frame(source, AREA, **kwargs)
     assert info.value.field == "image_url"
@@ -106,9 +111,15 @@ def test_first_frame_matches_reference_preprocessing():
 
 
 def test_loads_from_http_url(server):
-    frame = load_first_frame(f"{server}/image.png", AREA, timeout_s=5.0)
+    frame = load_first_frame(f"{server}/image.png", AREA, timeout_s=5.0, policy=LOOPBACK)
     torch.testing.assert_close(frame, image_to_first_frame(PIXELS, AREA))
-    assert read_image_bytes(f"{server}/redirect", max_bytes=1 << 20, timeout_s=5.0) == PNG
+    assert read_image_bytes(f"{server}/redirect", max_bytes=1 << 20, timeout_s=5.0, policy=LOOPBACK) == PNG
+
+
+def test_loopback_is_refused_by_default(server):
+    # The same server, without the policy opening loopback: refused with the generic message.
+    err = _error(f"{server}/image.png", policy=None)
+    assert err.msg == REFUSED_MESSAGE
 
 
 def test_loads_from_path_unless_disallowed(tmp_path):
@@ -193,7 +204,7 @@ def test_too_many_bytes(server):
     assert "MiB; the limit is 0.0 MiB, so send a smaller file" in err.msg
     err = _error(f"{server}/declared-big", max_bytes=1 << 20)
     assert err.msg == (
-        f"'{server}/declared-big' is 953.7 MiB; the limit is 1.0 MiB, so send a smaller file "
+        f"'{server}/declared-big' is more than 1.0 MiB; the limit is 1.0 MiB, so send a smaller file "
         "(JPEG or WebP compress well)"
     )
     err = _error(f"{server}/undeclared-big", max_bytes=100_000)
@@ -201,20 +212,15 @@ def test_too_many_bytes(server):
 
 
 def test_http_error_status(server):
-    err = _error(f"{server}/gone.png")
-    assert err.msg == (
-        f"downloading '{server}/gone.png' failed: the server answered HTTP 404 Not Found; "
-        "check that the URL is public and still valid"
-    )
+    # The same text as for a closed port or a refused address: answers must not map a network.
+    assert _error(f"{server}/gone.png").msg == REFUSED_MESSAGE
 
 
 def test_unreachable_url():
     with socket.socket() as sock:  # a loopback port that was free a moment ago and is closed now
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    err = _error(f"http://127.0.0.1:{port}/x.png")
-    assert err.msg.startswith(f"could not download 'http://127.0.0.1:{port}/x.png' (")
-    assert err.msg.endswith("); check that the URL is reachable from the server")
+    assert _error(f"http://127.0.0.1:{port}/x.png").msg == REFUSED_MESSAGE
 
 
 def test_malformed_data_uri():
