@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -84,6 +84,9 @@ class LiveServer:
     log_path: Path
     proc: subprocess.Popen | None = None
     extra_args: tuple[str, ...] = ()  # more `serve` flags, e.g. ("--previews", "1")
+    # The clients' webhook receivers listen on loopback, which the outbound URL policy opens only on request.
+    server_env: dict[str, str] = field(default_factory=lambda: {"OVI_ALLOWED_NETWORKS": "127.0.0.0/8"})
+    api_keys: str = KEY
 
     @property
     def base(self) -> str:
@@ -99,11 +102,12 @@ class LiveServer:
             "--variant", "tiny", "--device", "cpu",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--tls-cert", str(self.cert), "--tls-key", str(self.key), "--tls-port", str(self.tls_port),
-            "--api-keys", KEY, "--data-dir", str(self.data_dir),
+            "--api-keys", self.api_keys, "--data-dir", str(self.data_dir),
             "--webhook-retry-base", "0.5", *self.extra_args,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 -- the server's lifetime, closed by the OS
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, **self.server_env}
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -142,10 +146,11 @@ class LiveServer:
         }
 
 
-def start_server(tmp: Path, *extra_args: str) -> LiveServer:
+def start_server(tmp: Path, *extra_args: str, **options) -> LiveServer:
+    """`extra_args`: more `serve` flags; `options`: other LiveServer fields (server_env, api_keys)."""
     cert, key = make_self_signed_cert(tmp)
     server = LiveServer(
-        tmp / "data", cert, key, free_port(), free_port(), tmp / "server.log", None, extra_args
+        tmp / "data", cert, key, free_port(), free_port(), tmp / "server.log", None, extra_args, **options
     )
     server.start()
     return server

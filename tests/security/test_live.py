@@ -1,0 +1,288 @@
+"""The issue-11 findings, each tried against a live tiny server on loopback as an attacker would.
+
+Every test here failed before the change it covers: cross-key access, unchecked outbound URLs, bodies
+read whole before any limit, late validation, unsafe uploads, secrets in the start-up log.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+
+from ovi_server.outbound import REFUSED_MESSAGE
+from tests.clients.live import REPO, LiveServer, free_port
+
+from .conftest import ALICE, BOB, Outside, client, raw_request, wait_finished
+
+T2V, I2V = "/fal-ai/ovi", "/fal-ai/ovi/image-to-video"
+SMALL = {"num_inference_steps": 1, "resolution": "512x992"}
+
+
+def submit(http: httpx.Client, body: dict, path: str = T2V, **kw) -> dict:
+    response = http.post(path, json=body, **kw)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# -- 1. tenancy ------------------------------------------------------------------------------------------
+
+
+def test_another_keys_request_is_unknown(live: LiveServer):
+    alice, bob = client(live, ALICE), client(live, BOB)
+    rid = submit(alice, {"prompt": "a cat", "seed": 1, **SMALL})["request_id"]
+    unknown = str(uuid.uuid4())
+    probes = [
+        ("GET", "/fal-ai/ovi/requests/{}/status?logs=1"),
+        ("GET", "/fal-ai/ovi/requests/{}/status/stream"),
+        ("GET", "/fal-ai/ovi/requests/{}"),
+        ("PUT", "/fal-ai/ovi/requests/{}/cancel"),
+        ("GET", "/fal-ai/ovi/image-to-video/requests/{}/status"),
+    ]
+    for method, path in probes:
+        theirs = bob.request(method, path.format(rid))
+        missing = bob.request(method, path.format(unknown))
+        assert theirs.status_code == missing.status_code == 404, (path, theirs.text)
+        # Exactly as for an id that does not exist: the answer does not tell that it does.
+        assert theirs.json() == json.loads(missing.text.replace(unknown, rid)), path
+    # The owner still sees and finishes it; bob's cancel did nothing.
+    final = wait_finished(alice, rid)
+    assert alice.get(f"/fal-ai/ovi/requests/{rid}").status_code == 200, final
+
+
+def test_two_keys_with_one_id_are_refused_at_start(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "ovi_server.cli", "serve", "--variant", "tiny", "--device", "cpu",
+         "--port", str(free_port()), "--data-dir", str(tmp_path), "--api-keys", "team:first-secret,team:second-secret"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "two API keys have the id 'team'" in done.stderr
+    assert (
+        "first-secret" not in done.stderr + done.stdout and "second-secret" not in done.stderr + done.stdout
+    )
+
+
+# -- 3. limits at the edge -------------------------------------------------------------------------------
+
+
+def test_declared_oversized_body_is_413_before_it_is_sent(live: LiveServer):
+    # 100 MiB declared, one byte sent: the answer comes without the server waiting for the rest.
+    head = f"POST /fal-ai/ovi HTTP/1.1\nHost: x\nAuthorization: Key {ALICE}\nContent-Type: application/json\nContent-Length: {100 << 20}\n"
+    answer = raw_request(live.port, head, b"{")
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"x-fal-error-type: request_too_large" in rest.lower()
+
+
+def test_streamed_oversized_body_is_413_in_fal_shape(live: LiveServer):
+    def chunks():  # no Content-Length: chunked transfer, counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    response = client(live, ALICE).post(T2V, content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    body = response.json()
+    assert body["error_type"] == "request_too_large" and "32 MiB" in body["detail"]
+    assert response.headers["x-fal-error-type"] == "request_too_large"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "p", "seed": 2**63}, "seed"),
+        ({"prompt": "p", "seed": -1}, "seed"),
+        ({"prompt": "she says <S>hello"}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "p", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "p", "resolution": "4096x4096"}, "resolution"),
+    ],
+)
+def test_bad_input_is_stored_failed_at_submit(live: LiveServer, body: dict, field: str):
+    alice = client(live, ALICE)
+    submitted = submit(alice, body)
+    # Failed at submit: COMPLETED at once (fal's behaviour), result 422, and it never reached the worker.
+    assert submitted["status"] == "COMPLETED", submitted
+    result = alice.get(submitted["response_url"])
+    assert result.status_code == 422
+    assert result.json()["detail"][0]["loc"] == ["body", field]
+    status = alice.get(submitted["status_url"], params={"logs": 1}).json()
+    assert not any(line["message"].startswith("started") for line in status["logs"])
+
+
+def test_oversized_prompt_is_not_stored(live: LiveServer):
+    alice = client(live, ALICE)
+    db = live.data_dir / "jobs.sqlite3"
+    before = sum(p.stat().st_size for p in live.data_dir.glob("jobs.sqlite3*"))
+    submitted = submit(alice, {"prompt": "x" * (4 << 20)})
+    assert submitted["status"] == "COMPLETED"
+    [error] = alice.get(submitted["response_url"]).json()["detail"]
+    assert error["loc"] == ["body", "prompt"] and "4194304 characters long; the limit is 4000" in error["msg"]
+    after = sum(p.stat().st_size for p in db.parent.glob("jobs.sqlite3*"))
+    assert after - before < 256 << 10, (before, after)  # the 4 MiB prompt itself was not written
+
+
+@pytest.mark.parametrize("raw_id", ["%E2%82%AC", "..%2F..%2Fetc", "a%0D%0Ab", "x" * 300])
+def test_malformed_request_ids_are_404_json(live: LiveServer, raw_id: str):
+    alice = client(live, ALICE)
+    for method, suffix in (("GET", "/status"), ("GET", ""), ("PUT", "/cancel"), ("GET", "/status/stream")):
+        response = alice.request(method, f"{live.base}/fal-ai/ovi/requests/{raw_id}{suffix}")
+        assert response.status_code == 404, (suffix, response.text)
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() in ({"status": "NOT_FOUND"}, {"detail": response.json().get("detail")})
+
+
+# -- 7. secrets ------------------------------------------------------------------------------------------
+
+
+def test_secrets_never_reach_the_log_or_health(live: LiveServer):
+    alice = client(live, ALICE)
+    alice.post(T2V, json={"prompt": "p", "seed": -5})  # an error path too
+    httpx.get(f"{live.base}/fal-ai/ovi/requests/x/status", headers={"Authorization": "Key alice:wrong-guess"})
+    health = httpx.get(f"{live.base}/health").text
+    signing_key = (live.data_dir / "webhook_ed25519.pem").read_text().splitlines()[1]
+    log = live.log_path.read_text(errors="replace")
+    assert "auth: 2 API key(s): alice, bob" in log
+    for secret in ("alice-secret-1", "bob-secret-2", "wrong-guess", signing_key):
+        assert secret not in log and secret not in health
+
+
+# -- 2. outbound URL policy --------------------------------------------------------------------------------
+
+
+def test_image_url_to_internal_addresses_is_refused_with_one_message(live: LiveServer, outside: Outside):
+    alice = client(live, ALICE)
+    closed = free_port()
+    internal = [
+        f"{live.base}/health",  # the server itself
+        f"http://localhost:{live.port}/health",
+        f"http://0x7f000001:{live.port}/health",
+        f"http://2130706433:{live.port}/health",
+        f"http://[::ffff:127.0.0.1]:{live.port}/health",
+        f"http://127.0.0.1:{closed}/x.png",  # a closed port: must read the same as an open one
+        f"{outside.base}/to-internal",  # an allowed host redirecting inward: the hop is checked
+        f"{outside.base}/missing.png",  # HTTP 404 from an allowed host: same text again
+        "http://169.254.169.254/latest/meta-data/",
+    ]
+    ids = [submit(alice, {"prompt": "p", "image_url": url, **SMALL}, I2V)["request_id"] for url in internal]
+    for url, rid in zip(internal, ids, strict=True):
+        result = alice.get(f"/fal-ai/ovi/requests/{rid}")
+        assert result.status_code == 422, (url, result.text)
+        [error] = result.json()["detail"]
+        assert error["loc"] == ["body", "image_url"] and error["msg"] == REFUSED_MESSAGE, (url, error)
+
+
+def test_image_url_on_an_allowed_network_is_fetched_before_the_worker(live: LiveServer, outside: Outside):
+    alice = client(live, ALICE)
+    submitted = submit(
+        alice, {"prompt": "p", "image_url": f"{outside.base}/frame.png", "seed": 4, **SMALL}, I2V
+    )
+    wait_finished(alice, submitted["request_id"])
+    result = alice.get(submitted["response_url"])
+    assert result.status_code == 200, result.text
+    assert httpx.get(result.json()["video"]["url"]).headers["content-type"] == "video/mp4"
+
+
+def test_a_slow_drip_image_fails_at_submit_and_never_takes_the_worker(live: LiveServer, outside: Outside):
+    alice = client(live, ALICE)
+    submitted = submit(alice, {"prompt": "p", "image_url": f"{outside.base}/drip.png", **SMALL}, I2V)
+    assert submitted["status"] == "COMPLETED"  # the fetch deadline (--fetch-timeout 2) ran out at submit
+    result = alice.get(submitted["response_url"])
+    assert result.status_code == 422 and result.json()["detail"][0]["msg"] == REFUSED_MESSAGE
+    logs = alice.get(submitted["status_url"], params={"logs": 1}).json()["logs"]
+    assert not any(line["message"].startswith("started") for line in logs)
+
+
+def test_own_uploads_are_read_from_the_store(live: LiveServer):
+    # 127.0.0.1 is not an allowed network for this server: the upload can only come from its file store.
+    alice = client(live, ALICE)
+    urls = alice.post(
+        "/storage/upload/initiate", json={"content_type": "image/png", "file_name": "f.png"}
+    ).json()
+    from .conftest import png_bytes
+
+    assert (
+        httpx.put(urls["upload_url"], content=png_bytes(), headers={"Content-Type": "image/png"}).status_code
+        == 200
+    )
+    submitted = submit(alice, {"prompt": "p", "image_url": urls["file_url"], "seed": 2, **SMALL}, I2V)
+    wait_finished(alice, submitted["request_id"])
+    assert alice.get(submitted["response_url"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "hook",
+    ["http://127.0.0.1:{port}/hook", "http://localhost:{port}/hook", "file:///etc/passwd", "gopher://x/"],
+)
+def test_refused_webhook_urls_are_422_at_submit(live: LiveServer, hook: str):
+    response = client(live, ALICE).post(
+        T2V, json={"prompt": "p"}, params={"fal_webhook": hook.format(port=live.port)}
+    )
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["query", "fal_webhook"] and error["msg"] == REFUSED_MESSAGE
+
+
+def test_webhook_on_an_allowed_network_is_delivered(live: LiveServer, outside: Outside):
+    alice = client(live, ALICE)
+    rid = submit(alice, {"prompt": "p", "seed": -1}, params={"fal_webhook": f"{outside.base}/hook-a"})[
+        "request_id"
+    ]
+    deadline = time.monotonic() + 30
+    while not any(json.loads(body)["request_id"] == rid for _, body in outside.hooks):
+        assert time.monotonic() < deadline, outside.hooks
+        time.sleep(0.05)
+
+
+# -- 5. uploads ------------------------------------------------------------------------------------------
+
+
+def test_unreserved_upload_key_is_refused_before_the_body(live: LiveServer):
+    head = (
+        f"PUT /storage/put/uploads/{uuid.uuid4().hex}/x.bin HTTP/1.1\nHost: x\nContent-Length: {80 << 20}\n"
+    )
+    answer = raw_request(live.port, head, b"x" * 1024)
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:300]
+
+
+@pytest.mark.parametrize("content_type", ["text/html\r\nX-Evil: 1", "image/p\u00e9ng", "not a type", ""])
+def test_upload_content_type_must_be_a_mime_type(live: LiveServer, content_type: str):
+    response = client(live, ALICE).post("/storage/upload/initiate", json={"content_type": content_type})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "content_type"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "file_name", "disposition"),
+    [
+        ("text/html", "page.html", "attachment"),
+        ("image/svg+xml", "x.svg", "attachment"),
+        ("application/octet-stream", "notes.meta.json", "attachment"),
+        ("image/png", "frame.pending", "inline"),
+        ("video/mp4", "clip.mp4", "inline"),
+    ],
+)
+def test_uploads_are_served_safely(live: LiveServer, content_type: str, file_name: str, disposition: str):
+    alice = client(live, ALICE)
+    initiate = alice.post(
+        "/storage/upload/initiate", json={"content_type": content_type, "file_name": file_name}
+    )
+    assert initiate.status_code == 200, initiate.text
+    urls = initiate.json()
+    body = b"<script>alert(document.cookie)</script>"
+    assert (
+        httpx.put(urls["upload_url"], content=body, headers={"Content-Type": content_type}).status_code == 200
+    )
+    served = httpx.get(urls["file_url"])
+    assert served.status_code == 200 and served.content == body
+    assert served.headers["x-content-type-options"] == "nosniff"
+    assert served.headers["content-security-policy"] == "sandbox"
+    assert served.headers["content-disposition"].startswith(disposition)
+    assert urls["file_url"].endswith("/" + file_name)
