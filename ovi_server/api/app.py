@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI
@@ -28,6 +29,7 @@ from ovi_server.outbound import URLPolicy, parse_networks
 logger = logging.getLogger(__name__)
 
 RETENTION_SWEEP_S = 600.0
+IO_THREADS = 32
 
 
 def build_files(config: ServerConfig) -> FileStore:
@@ -58,6 +60,8 @@ def build_app(
         policy=url_policy,
     )
 
+    io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sender.start()
@@ -65,6 +69,7 @@ def build_app(
         yield
         sweeper.cancel()
         sender.stop()
+        io_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="ovi-server",
@@ -82,6 +87,7 @@ def build_app(
     app.state.signer = signer
     app.state.keys = KeyRing(config.api_keys)
     app.state.url_policy = url_policy
+    app.state.io_pool = io_pool  # image downloads and upload bodies (routes._slow_io)
     errors.install(app)
     app.include_router(router)
     pages.install(app)

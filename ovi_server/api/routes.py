@@ -7,13 +7,14 @@ Routes talk to `request.app.state.store` (a JobStore) and `.files` (a FileStore)
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +36,7 @@ from ovi_server.jobs.store import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 router = APIRouter()
 authed = [Depends(require_key)]
@@ -70,6 +72,13 @@ def _json(
 
 def _wants_logs(value: str | None) -> bool:
     return (value or "").lower() in ("1", "true", "yes")
+
+
+async def _slow_io(request: Request, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking I/O that the client paces (image downloads, upload bodies) on the app's own pool:
+    slow clients then cannot take the default executor that parsing and the store use."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app.state.io_pool, functools.partial(func, *args, **kwargs))
 
 
 def _owned(request: Request, request_id: str, owner: str) -> Job:
@@ -129,7 +138,8 @@ async def _fetch_image(
         return generation, None
     config = request.app.state.config
     try:
-        data = await asyncio.to_thread(
+        data = await _slow_io(
+            request,
             request.app.state.url_policy.fetch,
             image,
             max_bytes=outbound.DEFAULT_MAX_BYTES,
@@ -421,7 +431,7 @@ async def _store_upload(request: Request, key: str, content_type: str | None) ->
         while (chunk := asyncio.run_coroutine_threadsafe(next_chunk(), loop).result()) is not None:
             yield chunk
 
-    return await asyncio.to_thread(request.app.state.files.write_upload, key, chunks(), content_type)
+    return await _slow_io(request, request.app.state.files.write_upload, key, chunks(), content_type)
 
 
 @router.post("/storage/auth/token", tags=["storage"])
