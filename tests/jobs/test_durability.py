@@ -57,8 +57,12 @@ def test_sigkill_mid_job_then_restart(server: LiveServer):
     server.stop(signal.SIGKILL)
     interrupted = running_ids(server)
     assert len(interrupted) == 1, "expected the kill to land while a job ran"
+    # The killed generation's scratch directory is still there ...
+    leftovers = list((server.data_dir / "tmp").glob(f"ovi-*-{next(iter(interrupted))}-*"))
+    assert len(leftovers) == 1, list((server.data_dir / "tmp").iterdir())
 
     server.start()
+    assert not leftovers[0].exists()  # ... until the next worker starts: swept
     with server.client() as http:
 
         def status(rid: str) -> dict:
