@@ -62,3 +62,12 @@ def test_retention(files: S3Files):
     assert files.delete_older_than(-1) >= 1
     listed = files.client.list_objects_v2(Bucket="ovi-test", Prefix="ovi/outputs/old/")
     assert listed.get("KeyCount", 0) == 0
+
+
+def test_uploads_stream_and_any_file_name_works(files: S3Files):
+    key = files.reserve_upload("frame.pending", "image/png")  # a name the bookkeeping once reserved
+    assert key.endswith("/frame.pending")
+    assert files.write_upload(key, iter([b"a" * (3 << 20), b"b" * 5]), None) == (3 << 20) + 5
+    assert files.read_bytes(key) == b"a" * (3 << 20) + b"b" * 5
+    with pytest.raises(FileNotFoundError):
+        files.read_bytes("uploads/none/x.png")
