@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -88,6 +89,7 @@ def build_app(
     app.state.keys = KeyRing(config.api_keys)
     app.state.url_policy = url_policy
     app.state.io_pool = io_pool  # image downloads and upload bodies (routes._slow_io)
+    app.state.fetching = collections.Counter()  # key id → image_url downloads in flight
     errors.install(app)
     app.include_router(router)
     pages.install(app)

@@ -46,6 +46,7 @@ RUN_POLL_S = 0.25
 MAX_UPLOAD_BYTES = 90 << 20
 UPLOAD_SPOOL_BYTES = 1 << 20  # uploads larger than this go through a temporary file, not memory
 QUOTA_RETRY_AFTER_S = 10
+MAX_FETCHES_PER_KEY = 4  # image_url downloads in flight per key (the I/O pool has 32 threads)
 
 
 def base_url(request: Request) -> str:
@@ -119,24 +120,36 @@ async def _check_webhook(request: Request) -> str | None:
     return url
 
 
-async def _read_input(request: Request, app: str) -> tuple[GenerationRequest | None, JobFailure | None]:
+async def _read_input(
+    request: Request, app: str, owner: str
+) -> tuple[GenerationRequest | None, JobFailure | None]:
     body = await request.body()
     # Off the event loop: parsing a body of many MiB would stall every other request (/health included).
     generation = await asyncio.to_thread(schemas.to_generation_request, app, body)
     if isinstance(generation, JobFailure):
         return None, generation
-    return await _fetch_image(request, generation)
+    return await _fetch_image(request, generation, owner)
 
 
 async def _fetch_image(
-    request: Request, generation: GenerationRequest
+    request: Request, generation: GenerationRequest, owner: str
 ) -> tuple[GenerationRequest | None, JobFailure | None]:
     """Download an http(s) `image_url` now, into the file store, so that a slow or dead host costs this
-    request its fetch deadline and never holds a worker. Our own file URLs are read from the store later."""
+    request its fetch deadline and never holds a worker. Our own file URLs are read from the store later.
+    A key has at most MAX_FETCHES_PER_KEY downloads in flight, so one key cannot take every I/O thread."""
     image, base = generation.image, base_url(request)
     if image is None or not image.startswith(("http://", "https://")) or image.startswith(f"{base}/files/"):
         return generation, None
-    config = request.app.state.config
+    config, fetching = request.app.state.config, request.app.state.fetching
+    if fetching[owner] >= MAX_FETCHES_PER_KEY:
+        raise FalError(
+            429,
+            f"this API key has {fetching[owner]} image_url downloads in progress, the limit is "
+            f"{MAX_FETCHES_PER_KEY}; wait for those submits to return, or upload the image first",
+            "rate_limited",
+            {"Retry-After": str(int(config.fetch_timeout_s) + 1)},
+        )
+    fetching[owner] += 1
     try:
         data = await _slow_io(
             request,
@@ -150,6 +163,8 @@ async def _fetch_image(
         return None, schemas.invalid("image_url", str(exc))
     except outbound.TooLarge as exc:
         return None, schemas.invalid("image_url", f"{exc}; send a smaller image (JPEG or WebP)")
+    finally:
+        fetching[owner] -= 1
     key = f"inputs/{uuid.uuid4().hex}/image"
     await asyncio.to_thread(request.app.state.files.put_bytes, key, data, "application/octet-stream")
     return replace(generation, image=f"{base}/files/{key}"), None
@@ -187,7 +202,7 @@ def _input_doc(model: type) -> dict[str, Any]:
 async def _submit(request: Request, app: str, owner: str) -> JSONResponse:
     _check_quota(request, owner)
     webhook_url = await _check_webhook(request)
-    generation, failure = await _read_input(request, app)
+    generation, failure = await _read_input(request, app, owner)
     store = _store(request)
     job = store.submit(_new_job(request, app, owner, generation, failure, webhook_url))
     logger.info(
@@ -350,7 +365,7 @@ for _root in (schemas.APP_ROOT, schemas.IMAGE_TO_VIDEO):
 
 async def _run(request: Request, app: str, owner: str) -> JSONResponse:
     _check_quota(request, owner)
-    generation, failure = await _read_input(request, app)
+    generation, failure = await _read_input(request, app, owner)
     if failure is not None:
         code, body, headers = schemas.failure_response(failure)
         return _json(body, code, **headers)

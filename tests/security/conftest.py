@@ -22,7 +22,7 @@ from tests.clients.live import LiveServer, start_server
 
 ALICE, BOB = "alice:alice-secret-1", "bob:bob-secret-2"
 OUTSIDE_IP = "127.0.0.2"
-FETCH_TIMEOUT_S = 2
+FETCH_TIMEOUT_S = 5
 
 
 def png_bytes() -> bytes:
@@ -37,6 +37,8 @@ class Outside:
     def __init__(self, server_base: str) -> None:
         self.hooks: list[tuple[str, bytes]] = []
         self.stop_drip = threading.Event()
+        self.drips_open = 0  # slow-drip downloads in progress
+        lock = threading.Lock()
         outside, png = self, png_bytes()
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,12 +55,17 @@ class Outside:
                     self.send_response(200)
                     self.send_header("Content-Type", "image/png")
                     self.end_headers()
+                    with lock:
+                        outside.drips_open += 1
                     try:
                         while not outside.stop_drip.wait(0.2):
                             self.wfile.write(b"\0")
                             self.wfile.flush()
                     except (BrokenPipeError, ConnectionResetError):
                         pass
+                    finally:
+                        with lock:
+                            outside.drips_open -= 1
                 else:
                     self._send(404, b"missing", "text/plain")
 

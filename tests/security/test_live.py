@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -18,7 +19,7 @@ import pytest
 from ovi_server.outbound import REFUSED_MESSAGE
 from tests.clients.live import REPO, LiveServer, free_port
 
-from .conftest import ALICE, BOB, Outside, client, raw_request, wait_finished
+from .conftest import ALICE, BOB, FETCH_TIMEOUT_S, Outside, client, raw_request, wait_finished
 
 T2V, I2V = "/fal-ai/ovi", "/fal-ai/ovi/image-to-video"
 SMALL = {"num_inference_steps": 1, "resolution": "512x992"}
@@ -193,11 +194,35 @@ def test_image_url_on_an_allowed_network_is_fetched_before_the_worker(live: Live
 def test_a_slow_drip_image_fails_at_submit_and_never_takes_the_worker(live: LiveServer, outside: Outside):
     alice = client(live, ALICE)
     submitted = submit(alice, {"prompt": "p", "image_url": f"{outside.base}/drip.png", **SMALL}, I2V)
-    assert submitted["status"] == "COMPLETED"  # the fetch deadline (--fetch-timeout 2) ran out at submit
+    assert submitted["status"] == "COMPLETED"  # the fetch deadline (--fetch-timeout 5) ran out at submit
     result = alice.get(submitted["response_url"])
     assert result.status_code == 422 and result.json()["detail"][0]["msg"] == REFUSED_MESSAGE
     logs = alice.get(submitted["status_url"], params={"logs": 1}).json()["logs"]
     assert not any(line["message"].startswith("started") for line in logs)
+
+
+def test_a_key_has_at_most_four_image_downloads_in_flight(live: LiveServer, outside: Outside):
+    alice, bob = client(live, ALICE), client(live, BOB)
+    drip = {"prompt": "p", "image_url": f"{outside.base}/drip.png", **SMALL}
+    answers: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(alice.post(I2V, json=drip).status_code))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + FETCH_TIMEOUT_S
+    while outside.drips_open < 4:  # all four downloads are running (each lasts the fetch deadline)
+        assert time.monotonic() < deadline, outside.drips_open
+        time.sleep(0.01)
+    fifth = alice.post(I2V, json=drip)
+    other = alice.post(T2V, json={"prompt": "p", **SMALL})  # no download: not limited
+    for thread in threads:
+        thread.join()
+    assert fifth.status_code == 429 and fifth.json()["error_type"] == "rate_limited", fifth.text
+    assert "image_url downloads in progress" in fifth.json()["detail"] and fifth.headers["retry-after"]
+    assert answers == [200] * 4 and other.status_code == 200
+    assert bob.post(I2V, json=drip).status_code == 200  # another key was never limited
 
 
 def test_own_uploads_are_read_from_the_store(live: LiveServer):
