@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -185,8 +186,8 @@ class URLPolicy:
 class PinnedTransport(httpx.HTTPTransport):
     """Connects to the address `policy` checked, keeping the name for TLS and the Host header."""
 
-    def __init__(self, policy: URLPolicy):
-        super().__init__(trust_env=False)
+    def __init__(self, policy: URLPolicy, verify: ssl.SSLContext | bool = True):
+        super().__init__(verify=verify, trust_env=False)
         self.policy = policy
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
