@@ -7,6 +7,7 @@ read whole before any limit, late validation, unsafe uploads, secrets in the sta
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -264,6 +265,24 @@ def test_webhook_on_an_allowed_network_is_delivered(live: LiveServer, outside: O
     while not any(json.loads(body)["request_id"] == rid for _, body in outside.hooks):
         assert time.monotonic() < deadline, outside.hooks
         time.sleep(0.05)
+
+
+def test_webhook_failures_are_logged_without_network_detail(live: LiveServer):
+    alice = client(live, ALICE)
+    with socket.socket() as sock:  # a port on the allowed host that was free a moment ago: refused
+        sock.bind(("127.0.0.2", 0))
+        closed = sock.getsockname()[1]
+    hook = f"http://127.0.0.2:{closed}/hook"
+    submitted = submit(alice, {"prompt": "p", "seed": -1}, params={"fal_webhook": hook})
+    deadline = time.monotonic() + 30
+    while True:
+        logs = alice.get(submitted["status_url"], params={"logs": 1}).json()["logs"]
+        failures = [line["message"] for line in logs if line["message"].startswith("webhook to")]
+        if failures:
+            break
+        assert time.monotonic() < deadline, logs
+        time.sleep(0.05)
+    assert failures[0] == f"webhook to {hook} failed (could not connect, attempt 1); retrying in 0s"
 
 
 # -- 5. uploads ------------------------------------------------------------------------------------------
