@@ -43,6 +43,7 @@ def test_another_keys_request_is_unknown(live: LiveServer):
         ("GET", "/fal-ai/ovi/requests/{}/status?logs=1"),
         ("GET", "/fal-ai/ovi/requests/{}/status/stream"),
         ("GET", "/fal-ai/ovi/requests/{}"),
+        ("GET", "/fal-ai/ovi/requests/{}/preview"),
         ("PUT", "/fal-ai/ovi/requests/{}/cancel"),
         ("GET", "/fal-ai/ovi/image-to-video/requests/{}/status"),
     ]
