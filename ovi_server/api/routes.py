@@ -44,7 +44,6 @@ SSE_POLL_S = 0.25
 SSE_PING_S = 15.0
 RUN_POLL_S = 0.25
 MAX_UPLOAD_BYTES = 90 << 20
-UPLOAD_SPOOL_BYTES = 1 << 20  # uploads larger than this go through a temporary file, not memory
 QUOTA_RETRY_AFTER_S = 10
 MAX_FETCHES_PER_KEY = 4  # image_url downloads in flight per key (the I/O pool has 32 threads)
 

@@ -63,10 +63,12 @@ class Worker:
         self.config, self.store, self.files, self.metrics = config, store, files, metrics
         self.pipeline = pipeline
         self.poll_s = poll_s
-        # Where each job's scratch directory goes; those of dead processes are swept at start-up.
+        # Where each job's scratch directory goes (`serve`: <data dir>/tmp); there, those left by dead
+        # processes are swept at start-up. The system temp dir (the default) is not swept: not ours alone.
         self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        sweep_scratch(self.tmp_dir)
+        if tmp_dir is not None:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            sweep_scratch(self.tmp_dir)
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
