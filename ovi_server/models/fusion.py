@@ -7,6 +7,7 @@ diffusers' tooling applies unchanged: `set_attention_backend`, `apply_group_offl
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+from diffusers.hooks.context_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
 
@@ -39,6 +41,28 @@ class OviFusion(ModelMixin, ConfigMixin):
         "norm",
         "head",
     ]
+
+    # Sequence parallelism (diffusers' context parallelism, applied by engine/parallel.py): each tower's
+    # tokens, RoPE tables and per-token time embeddings are split along the token dimension where they
+    # enter the blocks (`TokenShard`), and the head outputs are gathered back. Text contexts stay whole.
+    _cp_plan = {
+        f"{tower}.shard": {
+            "x": ContextParallelInput(split_dim=1, expected_dims=3),  # [B, L, dim]
+            "rope_freqs": ContextParallelInput(split_dim=1, expected_dims=4),  # [B, L, 1, D/2]
+            "rope_cos": ContextParallelInput(split_dim=1, expected_dims=4),
+            "rope_sin": ContextParallelInput(split_dim=1, expected_dims=4),
+            # only given when every token has its own t (i2v); None (skipped by the hook) otherwise, so no
+            # tensor of another rank reaches the hook's rank check, whose warning path calls
+            # `logger.warning_once`, which diffusers 0.42.1's logger lacks
+            "token_e": ContextParallelInput(split_dim=1, expected_dims=3),  # [B, L, dim]
+            "token_e0": ContextParallelInput(split_dim=1, expected_dims=4),  # [B, L, 6, dim]
+        }
+        for tower in ("video_model", "audio_model")
+    } | {
+        "video_model.head": ContextParallelOutput(gather_dim=1, expected_dims=3),  # [B, L, 4 * 48]
+        "audio_model.head": ContextParallelOutput(gather_dim=1, expected_dims=3),  # [B, L, 20]
+    }
+    sequence_parallel_degree = 1  # tokens are padded to a multiple of it; set by engine/parallel.py
 
     @register_to_config
     def __init__(self, video: dict[str, Any], audio: dict[str, Any]):
@@ -81,8 +105,12 @@ class OviFusion(ModelMixin, ConfigMixin):
         Returns:
             per item video [48, F, H, W] and audio [L, 20] predictions.
         """
-        v = self.video_model.embed(video, t, video_context, video_seq_len, first_frame_is_clean)
-        a = self.audio_model.embed(audio, t, audio_context, audio_seq_len)
+        degree = self.sequence_parallel_degree
+        v = self.video_model.embed(video, t, video_context, video_seq_len, first_frame_is_clean, degree)
+        a = self.audio_model.embed(audio, t, audio_context, audio_seq_len, multiple_of=degree)
+        # under sequence parallelism each rank keeps its share of both token streams from here on
+        # (split hooks of `_cp_plan`); the heads gather them back
+        v, a = self.video_model.shard_tokens(v), self.audio_model.shard_tokens(a)
         for i in range(self.num_blocks):
             if slg_layer > 0 and i == slg_layer:
                 continue
@@ -105,7 +133,7 @@ class OviFusion(ModelMixin, ConfigMixin):
 
 
 def _replace_x(tokens: Tokens, x: Tensor) -> Tokens:
-    return Tokens(x, tokens.e, tokens.e0, tokens.context, tokens.seq_lens, tokens.grids, tokens.rope)
+    return dataclasses.replace(tokens, x=x)
 
 
 def _jsonable(cfg: DiTConfig) -> dict[str, Any]:

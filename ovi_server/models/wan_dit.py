@@ -13,6 +13,7 @@ bf16; float32 keeps that within bf16 rounding while avoiding float64 on the GPU)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
 from torch import Tensor, nn
 
 from ovi_server.config import DiTConfig
-from ovi_server.models.attention import attention
+from ovi_server.models.attention import FusionCrossAttnProcessor, SelfAttnProcessor, key_padding_mask
 
 
 class RMSNorm(nn.Module):
@@ -180,6 +182,9 @@ class Tokens:
     seq_lens: tuple[int, ...]  # real tokens per batch item; the rest is zero padding
     grids: tuple[tuple[int, ...], ...]  # (F, H, W) patches per item (video) or (L,) (audio)
     rope: Rope
+    # [B, 1, 1, L] True = real key, over the whole sequence (also when x holds one rank's share:
+    # Ulysses attention sees every key); None when no key is padding
+    key_mask: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +192,13 @@ class Tokens:
 # ---------------------------------------------------------------------------------------------
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(nn.Module, AttentionModuleMixin):
+    """q, k, v, o projections with RMS-normed q and k; the processor (models/attention.py) runs it."""
+
+    _default_processor_cls = SelfAttnProcessor
+    _available_processors = [SelfAttnProcessor]
+    _supports_qkv_fusion = False  # the checkpoint keeps q, k and v apart
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -197,19 +208,20 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.set_processor(self._default_processor_cls())
 
     def heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim))  # [B, L, H, D]
 
-    def forward(self, x: Tensor, rope: Rope, seq_lens: Sequence[int]) -> Tensor:
-        q = rope.apply(self.heads(self.norm_q(self.q(x))))
-        k = rope.apply(self.heads(self.norm_k(self.k(x))))
-        v = self.heads(self.v(x))
-        return self.o(attention(q, k, v, k_lens=seq_lens).flatten(2))
+    def forward(self, x: Tensor, rope: Rope, key_mask: Tensor | None) -> Tensor:
+        return self.processor(self, x, rope, key_mask)
 
 
 class FusionCrossAttention(SelfAttention):
     """Text cross-attention plus Ovi's cross-modal attention to the other tower's tokens, summed before `o`."""
+
+    _default_processor_cls = FusionCrossAttnProcessor
+    _available_processors = [FusionCrossAttnProcessor]
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__(dim, num_heads, qk_norm, eps)
@@ -218,18 +230,8 @@ class FusionCrossAttention(SelfAttention):
         self.pre_attn_norm_fusion = LayerNorm(dim, eps=1e-6, elementwise_affine=True)
         self.norm_k_fusion = RMSNorm(dim, eps=1e-6) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, own: Tokens, target: Tokens) -> Tensor:
-        q = self.heads(self.norm_q(self.q(x)))
-        # 1. text: no RoPE, no key mask (zero-padded context rows are attended, as in the reference)
-        k_text = self.heads(self.norm_k(self.k(own.context)))
-        v_text = self.heads(self.v(own.context))
-        out = attention(q, k_text, v_text)
-        # 2. cross-modal: RoPE on both sides with each tower's own positions, target padding masked
-        y = self.pre_attn_norm_fusion(target.x)
-        k_other = target.rope.apply(self.heads(self.norm_k_fusion(self.k_fusion(y))))
-        v_other = self.heads(self.v_fusion(y))
-        out = out + attention(own.rope.apply(q), k_other, v_other, k_lens=target.seq_lens)
-        return self.o(out.flatten(2))
+    def forward(self, x: Tensor, own: Tokens, target: Tokens) -> Tensor:  # type: ignore[override]
+        return self.processor(self, x, own, target)
 
 
 class WanBlock(nn.Module):
@@ -258,12 +260,33 @@ class WanBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = self.modulation(tokens.e0).unbind(2)
         x = tokens.x
         if phase == "self":
-            y = self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, tokens.rope, tokens.seq_lens)
+            y = self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, tokens.rope, tokens.key_mask)
             return x + y * gate_sa
         assert phase == "cross" and target is not None
         x = x + self.cross_attn(self.norm3(x), tokens, target)
         y = self.ffn(self.norm2(x) * (1 + scale_ffn) + shift_ffn)
         return x + y * gate_ffn
+
+
+class TokenShard(nn.Module):
+    """The point where a tower's token stream is split across sequence-parallel ranks.
+
+    An identity without parameters (checkpoint keys are unchanged): `OviFusion._cp_plan` puts diffusers'
+    context-parallel split hook on it, which hands `forward` this rank's share of every tensor along the
+    token dimension. Returns the tensors it was given, `None`s left out: diffusers' hook skips `None`
+    inputs but accepts only tensors as outputs.
+    """
+
+    def forward(
+        self,
+        x: Tensor,
+        rope_freqs: Tensor,
+        rope_cos: Tensor,
+        rope_sin: Tensor,
+        token_e: Tensor | None = None,
+        token_e0: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
+        return tuple(u for u in (x, rope_freqs, rope_cos, rope_sin, token_e, token_e0) if u is not None)
 
 
 class Head(nn.Module):
@@ -303,6 +326,7 @@ class WanDiT(nn.Module):
         )
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.shard = TokenShard()
         self.head = Head(cfg)
 
     @property
@@ -317,6 +341,7 @@ class WanDiT(nn.Module):
         context: Sequence[Tensor],
         seq_len: int | None = None,
         first_frame_is_clean: bool = False,
+        multiple_of: int = 1,
     ) -> Tokens:
         """Lays out tokens for the blocks.
 
@@ -326,6 +351,8 @@ class WanDiT(nn.Module):
             context: per item, text embeddings [L_i, text_dim], zero-padded here to text_len.
             seq_len: pad every item's tokens to this length (default: the longest item).
             first_frame_is_clean: i2v; tokens of the first latent frame get t = 0.
+            multiple_of: round the padded length up to a multiple of this (the sequence-parallel degree);
+                the extra tokens are padding, masked as keys and dropped from the output.
         """
         cfg = self.cfg
         dtype = self.compute_dtype
@@ -340,6 +367,7 @@ class WanDiT(nn.Module):
         seq_len = seq_len or max(seq_lens)
         if max(seq_lens) > seq_len:
             raise ValueError(f"{max(seq_lens)} tokens exceed seq_len {seq_len}")
+        seq_len = -(-seq_len // multiple_of) * multiple_of
         x = torch.cat([F.pad(u, (0, 0, 0, seq_len - u.shape[1])) for u in embedded])  # [B, L, dim]
 
         if first_frame_is_clean:
@@ -357,7 +385,19 @@ class WanDiT(nn.Module):
         padded = [F.pad(c.to(dtype), (0, 0, 0, cfg.text_len - c.shape[0])) for c in context]
         text = self.text_embedding(torch.stack(padded))  # [B, text_len, dim]
         rope = _rope_tables(cfg.head_dim, grids, seq_len, cfg.temporal_rope_scaling_factor, x.device)
-        return Tokens(x, e, e0, text, seq_lens, grids, rope)
+        key_mask = key_padding_mask(seq_lens, seq_len, x.device)
+        return Tokens(x, e, e0, text, seq_lens, grids, rope, key_mask)
+
+    def shard_tokens(self, tokens: Tokens) -> Tokens:
+        """This rank's share of the tokens under sequence parallelism (see TokenShard); else the same."""
+        per_token = tokens.e.shape[1] == tokens.x.shape[1] > 1  # i2v: one time embedding per token
+        rope = tokens.rope
+        split = self.shard(
+            tokens.x, rope.freqs, rope.cos, rope.sin, *((tokens.e, tokens.e0) if per_token else ())
+        )
+        x, freqs, cos, sin = split[:4]
+        e, e0 = split[4:] if per_token else (tokens.e, tokens.e0)
+        return dataclasses.replace(tokens, x=x, e=e, e0=e0, rope=Rope(freqs, cos, sin))
 
     def unembed(self, tokens: Tokens) -> list[Tensor]:
         """Head and unpatchify: per item video [C, F, H, W] or audio [L, C]."""
