@@ -83,6 +83,22 @@ def add_runtime_options(parser) -> None:
         default=flag_from_env("OVI_COMPILE"),
         help="torch.compile the fusion blocks [env OVI_COMPILE]",
     )
+    env_option(
+        parser,
+        "--sp",
+        "OVI_SP",
+        "sequence-parallel degree: one request runs on this many GPUs (processes on the CPU), "
+        "the token streams split between them (Ulysses)",
+        "1",
+        type=int,
+    )
+    parser.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        default=flag_from_env("OVI_CFG_PARALLEL"),
+        help="run the positive and negative guidance passes on two groups of --sp GPUs each "
+        "(2 x --sp in all) [env OVI_CFG_PARALLEL]",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -96,6 +112,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         fp8=args.fp8,
         compile=args.compile,
         vae_tiling=args.vae_tiling,
+        sp=int(args.sp),
+        cfg_parallel=args.cfg_parallel,
     )
 
 
@@ -196,7 +214,10 @@ def generate(args: argparse.Namespace) -> int:
     try:
         print(f"loading {args.variant} ...", file=sys.stderr)
         pipeline = OviPipeline.from_config(engine)
-        clip = pipeline.generate(request, Path(args.output), on_progress)
+        try:
+            clip = pipeline.generate(request, Path(args.output), on_progress)
+        finally:
+            pipeline.close()
     except OviError as exc:
         for bar in bars.values():
             bar.close()

@@ -259,6 +259,10 @@ class EngineConfig:
     # Live previews (serve): a PNG of the video latents every this many denoising steps and at the last
     # one, stored for GET .../requests/{id}/preview; 0: off.
     preview_every: int = 5
+    # One request on several processes (engine/parallel.py): the sequence-parallel degree, and whether
+    # the positive and negative passes run on two groups of `sp` processes each.
+    sp: int = 1
+    cfg_parallel: bool = False
 
 
 @dataclass(frozen=True)

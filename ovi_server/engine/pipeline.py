@@ -6,6 +6,7 @@ video VAE decode + audio VAE/vocoder decode -> mux. The server's worker and the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.device import Placement, resolve_placement
+from ovi_server.engine.parallel import DenoiseJob, ParallelGroup, ParallelSpec, check_spec, start_followers
 from ovi_server.engine.preview import preview_png
 from ovi_server.engine.request import (
     MAX_RANDOM_SEED,
@@ -87,7 +89,9 @@ class OviPipeline:
         video_vae: VideoVAE,
         audio_decoder: AudioDecoder,
         visitors: frozenset[str] = frozenset(),
+        parallel: ParallelGroup | None = None,
     ):
+        self.parallel = parallel  # the ranks this request runs on (rank 0 here); None: this process alone
         self.cfg, self.placement = cfg, placement
         self.visitors = visitors  # names of the models that live in host memory between their stages
         self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
@@ -97,12 +101,28 @@ class OviPipeline:
 
     # ------------------------------------------------------------------------------------------ load
     @classmethod
-    def from_config(cls, engine: EngineConfig) -> OviPipeline:
-        """Builds every model of the variant: from `engine.weights_dir`, or random for the tiny variant."""
+    def from_config(cls, engine: EngineConfig, parallel: ParallelGroup | None = None) -> OviPipeline:
+        """Builds every model of the variant: from `engine.weights_dir`, or random for the tiny variant.
+
+        With `engine.sp > 1` or `engine.cfg_parallel` this process becomes rank 0 and starts the other
+        ranks, which load only the fusion model (`parallel` is their group) and follow its requests.
+        """
         cfg = load_variant(engine.variant)
         placement = resolve_placement(
             engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8
         )
+        spec = ParallelSpec(engine.sp, engine.cfg_parallel)
+        if parallel is None and spec.enabled:
+            if placement.device.index is not None:
+                raise ConfigError(
+                    f"--sp/--cfg-parallel place rank r on cuda:r; pass --device cuda (not {engine.device}) "
+                    "and choose the GPUs with CUDA_VISIBLE_DEVICES"
+                )
+            check_spec(spec, placement.device.type, (cfg.video.num_heads, cfg.audio.num_heads))
+            parallel = start_followers(spec, placement.device.type, _follow, engine)
+        if parallel is not None:
+            placement = dataclasses.replace(placement, device=parallel.device)
+        leader = parallel is None or parallel.is_leader
         visitors = visiting_modules(placement)
         host = Placement(torch.device("cpu"), placement.dtype)
         # models that visit the device for their stage (and the block-offloaded fusion) rest in host memory
@@ -126,20 +146,26 @@ class OviPipeline:
                 seed,
             )
             fusion = init_random_(build_fusion(cfg.video, cfg.audio), home["fusion"], seed)
-            text_encoder = random_text_encoder(cfg.text_encoder, None, home["text_encoder"], seed + 1)
-            video_vae = random_video_vae(cfg.video_vae, home["video_vae"], seed + 2)
-            audio_decoder = random_audio_decoder(cfg.audio_vae, cfg.vocoder, home["audio_decoder"], seed + 3)
+            if leader:  # the other ranks only denoise
+                text_encoder = random_text_encoder(cfg.text_encoder, None, home["text_encoder"], seed + 1)
+                video_vae = random_video_vae(cfg.video_vae, home["video_vae"], seed + 2)
+                audio_decoder = random_audio_decoder(
+                    cfg.audio_vae, cfg.vocoder, home["audio_decoder"], seed + 3
+                )
         else:
             files = weights.paths(Path(engine.weights_dir), cfg, engine.fp8)
             fusion = load_fusion(files["fusion"], cfg.video, cfg.audio, home["fusion"], keep_fp8=engine.fp8)
-            text_encoder = load_text_encoder(
-                files["t5"], files["tokenizer"], cfg.text_encoder, home["text_encoder"]
-            )
-            video_vae = load_video_vae(files["video_vae"], cfg.video_vae, home["video_vae"])
-            audio_decoder = load_audio_decoder(
-                files["audio_vae"], files["vocoder"], cfg.audio_vae, cfg.vocoder, home["audio_decoder"]
-            )
-        if engine.vae_tiling == "on" or (
+            if leader:
+                text_encoder = load_text_encoder(
+                    files["t5"], files["tokenizer"], cfg.text_encoder, home["text_encoder"]
+                )
+                video_vae = load_video_vae(files["video_vae"], cfg.video_vae, home["video_vae"])
+                audio_decoder = load_audio_decoder(
+                    files["audio_vae"], files["vocoder"], cfg.audio_vae, cfg.vocoder, home["audio_decoder"]
+                )
+        if not leader:
+            text_encoder = video_vae = audio_decoder = None  # type: ignore[assignment]
+        elif engine.vae_tiling == "on" or (
             engine.vae_tiling == "auto" and (placement.offload != "none" or cfg.video_area > TILING_AREA)
         ):
             video_vae.set_tiling(True)
@@ -149,6 +175,8 @@ class OviPipeline:
             raise ConfigError(
                 f"attention backend {placement.attention!r} cannot be used here: {exc}"
             ) from exc
+        if parallel is not None:
+            parallel.apply(fusion)  # sequence parallelism: after the backend is set, before compile
         if placement.offload == "block":
             from diffusers.hooks import apply_group_offloading
 
@@ -172,7 +200,12 @@ class OviPipeline:
             placement.offload,
             time.monotonic() - started,
         )
-        return cls(cfg, placement, fusion, text_encoder, video_vae, audio_decoder, visitors)
+        return cls(cfg, placement, fusion, text_encoder, video_vae, audio_decoder, visitors, parallel)
+
+    def close(self) -> None:
+        """Lets the other ranks of a parallel pipeline exit; nothing to do for a single process."""
+        if self.parallel is not None and self.parallel.is_leader:
+            self.parallel.stop_followers()
 
     # -------------------------------------------------------------------------------------- requests
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
@@ -284,7 +317,24 @@ class OviPipeline:
         cond = Conditioning(positive, video_negative, audio_negative, image_latent)
         with _timed(device, timings, "denoise"), self._on_device("fusion") as fusion:
             on_progress(Progress("denoise", 0, req.steps))
-            latents = denoise(fusion, noise, cond, plan, _denoise_progress(on_progress))
+            on_step = _denoise_progress(on_progress)
+            if self.parallel is None:
+                latents = denoise(fusion, noise, cond, plan, on_step)
+            else:  # every rank denoises; the text contexts travel with the job, encoded once here
+                job = DenoiseJob(
+                    Latents(noise.video.cpu(), noise.audio.cpu()),
+                    Conditioning(
+                        *(
+                            None if u is None else u.cpu()
+                            for u in (positive, video_negative, audio_negative, image_latent)
+                        )
+                    ),
+                    req.solver,
+                    req.steps,
+                    req.shift,
+                    req.guidance,
+                )
+                latents = self.parallel.denoise(fusion, job, on_step)
 
         with _timed(device, timings, "decode"):
             on_progress(Progress("decode", 0, 2))
@@ -348,6 +398,12 @@ class OviPipeline:
             module.to("cpu")
             if self.placement.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _follow(group: ParallelGroup, engine: EngineConfig) -> None:
+    """Rank > 0 of a parallel pipeline: load the fusion model, then denoise rank 0's jobs."""
+    pipeline = OviPipeline.from_config(engine, group)
+    group.follow(pipeline.fusion)
 
 
 def visiting_modules(placement: Placement) -> frozenset[str]:

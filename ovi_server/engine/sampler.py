@@ -88,28 +88,37 @@ def cfg(negative: Tensor, positive: Tensor, scale: float) -> Tensor:
     return negative + scale * (positive - negative)
 
 
+def positive_pass(model: OviFusion, x: Latents, t: Tensor, cond: Conditioning) -> tuple[Tensor, Tensor]:
+    """The full model on the positive prompt; (video, audio) velocity predictions."""
+    video, audio = model(
+        [x.video], [x.audio], t.reshape(1), [cond.positive], [cond.positive],
+        first_frame_is_clean=cond.image_latent is not None,
+    )  # fmt: skip
+    return video[0], audio[0]
+
+
+def negative_pass(
+    model: OviFusion, x: Latents, t: Tensor, cond: Conditioning, guidance: Guidance
+) -> tuple[Tensor, Tensor]:
+    """Negative prompts with skip-layer guidance (block `slg_layer` skipped)."""
+    video, audio = model(
+        [x.video], [x.audio], t.reshape(1), [cond.video_negative], [cond.audio_negative],
+        first_frame_is_clean=cond.image_latent is not None, slg_layer=guidance.slg_layer,
+    )  # fmt: skip
+    return video[0], audio[0]
+
+
 def guided_predict(
     model: OviFusion, x: Latents, t: Tensor, cond: Conditioning, guidance: Guidance
 ) -> tuple[Tensor, Tensor]:
     """Positive pass (full model) and negative pass (negative prompts, skip-layer guidance), then CFG."""
-    i2v = cond.image_latent is not None
-    t = t.reshape(1)
-    video_pos, audio_pos = model(
-        [x.video], [x.audio], t, [cond.positive], [cond.positive], first_frame_is_clean=i2v
-    )
-    video_neg, audio_neg = model(
-        [x.video],
-        [x.audio],
-        t,
-        [cond.video_negative],
-        [cond.audio_negative],
-        first_frame_is_clean=i2v,
-        slg_layer=guidance.slg_layer,
-    )
-    return (
-        cfg(video_neg[0], video_pos[0], guidance.video_scale),
-        cfg(audio_neg[0], audio_pos[0], guidance.audio_scale),
-    )
+    video_pos, audio_pos = positive_pass(model, x, t, cond)
+    video_neg, audio_neg = negative_pass(model, x, t, cond, guidance)
+    return cfg(video_neg, video_pos, guidance.video_scale), cfg(audio_neg, audio_pos, guidance.audio_scale)
+
+
+# guided_predict's signature: engine/parallel.py has one that runs the two passes on two process groups
+Predict = Callable[[OviFusion, Latents, Tensor, Conditioning, Guidance], tuple[Tensor, Tensor]]
 
 
 def with_first_frame(video: Tensor, image_latent: Tensor | None) -> Tensor:
@@ -121,12 +130,17 @@ def with_first_frame(video: Tensor, image_latent: Tensor | None) -> Tensor:
 
 @torch.inference_mode()
 def denoise(
-    model: OviFusion, x: Latents, cond: Conditioning, plan: SamplingPlan, on_step: StepCallback = ignore_step
+    model: OviFusion,
+    x: Latents,
+    cond: Conditioning,
+    plan: SamplingPlan,
+    on_step: StepCallback = ignore_step,
+    predict: Predict = guided_predict,
 ) -> Latents:
     total = len(plan.timesteps)
     for i, t in enumerate(plan.timesteps):
         x = Latents(with_first_frame(x.video, cond.image_latent), x.audio)
-        video_pred, audio_pred = guided_predict(model, x, t, cond, plan.guidance)
+        video_pred, audio_pred = predict(model, x, t, cond, plan.guidance)
         x = Latents(
             video=plan.video_solver.step(video_pred, t, x.video),
             audio=plan.audio_solver.step(audio_pred, t, x.audio),

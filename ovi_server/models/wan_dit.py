@@ -392,9 +392,8 @@ class WanDiT(nn.Module):
         """This rank's share of the tokens under sequence parallelism (see TokenShard); else the same."""
         per_token = tokens.e.shape[1] == tokens.x.shape[1] > 1  # i2v: one time embedding per token
         rope = tokens.rope
-        split = self.shard(
-            tokens.x, rope.freqs, rope.cos, rope.sin, *((tokens.e, tokens.e0) if per_token else ())
-        )
+        token_e, token_e0 = (tokens.e, tokens.e0) if per_token else (None, None)
+        split = self.shard(tokens.x, rope.freqs, rope.cos, rope.sin, token_e, token_e0)
         x, freqs, cos, sin = split[:4]
         e, e0 = split[4:] if per_token else (tokens.e, tokens.e0)
         return dataclasses.replace(tokens, x=x, e=e, e0=e0, rope=Rope(freqs, cos, sin))

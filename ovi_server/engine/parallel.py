@@ -1,0 +1,354 @@
+"""One request on several processes: sequence parallel (Ulysses) and CFG parallel.
+
+Layout: `world = sp * cfg` processes on one host (rank r uses cuda:r, or the CPU with gloo), arranged
+as a device mesh ("cfg", "ring", "ulysses") of shape (world // sp, 1, sp). Inside a "cfg" slice the
+`sp` ranks split every token stream of the fusion model (diffusers' context parallelism with the
+model's `_cp_plan`: split at `TokenShard`, gathered at the heads, Ulysses all-to-all around self and
+audio<->video attention). With `--cfg-parallel` the two slices run the positive and the negative pass
+of each step; one all-gather of the two predictions per step lets every rank apply CFG and step its
+solvers, so all ranks hold the same latents throughout. Without it, extra slices are replicas.
+
+We start the processes ourselves (no torchrun): `start_followers` spawns ranks 1.. for a leader that
+serves requests (CLI `generate`, the server's worker), `run_spmd` runs one function on every rank
+(golden checks, tests). Rank 0 encodes the text once, sends the denoising job to the others, and
+decodes the latents once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from diffusers import ContextParallelConfig
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ovi_server.engine.sampler import (
+    Conditioning,
+    Guidance,
+    Latents,
+    StepCallback,
+    cfg,
+    denoise,
+    make_plan,
+    negative_pass,
+    positive_pass,
+)
+from ovi_server.errors import Cancelled, ConfigError
+from ovi_server.models.fusion import OviFusion
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT = timedelta(minutes=30)  # a collective that waits this long means a rank died
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    """What the user asked for: `--sp N [--cfg-parallel]`."""
+
+    sp: int = 1
+    cfg_parallel: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.sp * (2 if self.cfg_parallel else 1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def check_spec(spec: ParallelSpec, device_type: str, num_heads: tuple[int, ...] = ()) -> None:
+    """Raises ConfigError, saying what to change, for a layout this host or model cannot run."""
+    if spec.sp < 1:
+        raise ConfigError(f"--sp must be at least 1, got {spec.sp}")
+    flags = f"--sp {spec.sp}" + (" --cfg-parallel" if spec.cfg_parallel else "")
+    if device_type == "cuda":
+        visible = torch.cuda.device_count()
+        if spec.world_size > visible:
+            raise ConfigError(
+                f"{flags} needs {spec.world_size} GPUs (one process each) but {visible} are visible; "
+                f"lower --sp{' or drop --cfg-parallel' if spec.cfg_parallel else ''}, "
+                "or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+            )
+        if not dist.is_nccl_available():
+            raise ConfigError(
+                f"{flags} on CUDA needs torch.distributed's nccl backend, missing from this torch build"
+            )
+    elif not dist.is_gloo_available():
+        raise ConfigError(
+            f"{flags} on the CPU needs torch.distributed's gloo backend, missing from this torch build"
+        )
+    for heads in num_heads:
+        if heads % spec.sp:
+            raise ConfigError(
+                f"--sp {spec.sp} does not divide the model's {heads} attention heads (Ulysses gives each "
+                f"process heads/sp of them); use a degree that divides {heads}"
+            )
+
+
+@dataclass
+class ParallelGroup:
+    """This process's place among the ranks that run one request together."""
+
+    spec: ParallelSpec
+    rank: int
+    device: torch.device
+    mesh: DeviceMesh  # ("cfg", "ring", "ulysses")
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cfg_rank(self) -> int:
+        """Which slice: 0 runs the positive pass under CFG parallel, 1 the negative one."""
+        return self.mesh.get_local_rank("cfg")
+
+    # ---------------------------------------------------------------------------------------- model
+    def apply(self, model: OviFusion) -> None:
+        """Sequence parallelism on `model` (after `set_attention_backend`, before any compile)."""
+        if self.spec.sp == 1:
+            return
+        check_spec(
+            self.spec, self.device.type, (model.video_model.cfg.num_heads, model.audio_model.cfg.num_heads)
+        )
+        config = ContextParallelConfig(ulysses_degree=self.spec.sp, mesh=self.mesh)
+        try:
+            with _accelerator_count_at_least_one():
+                model.enable_parallelism(config=config)
+        except ValueError as exc:  # e.g. an attention backend without context-parallel support
+            raise ConfigError(f"--sp {self.spec.sp}: {exc}") from exc
+        model.sequence_parallel_degree = self.spec.sp
+
+    # ------------------------------------------------------------------------------------- guidance
+    def guided_predict(
+        self, model: OviFusion, x: Latents, t: Tensor, cond: Conditioning, guidance: Guidance
+    ) -> tuple[Tensor, Tensor]:
+        """sampler.guided_predict with the passes on the two "cfg" slices: one all-gather per step."""
+        if not self.spec.cfg_parallel:
+            video_pos, audio_pos = positive_pass(model, x, t, cond)
+            video_neg, audio_neg = negative_pass(model, x, t, cond, guidance)
+        else:
+            if self.cfg_rank == 0:
+                video, audio = positive_pass(model, x, t, cond)
+            else:
+                video, audio = negative_pass(model, x, t, cond, guidance)
+            mine = torch.cat([video.flatten(), audio.flatten()])
+            both = [torch.empty_like(mine) for _ in range(2)]
+            dist.all_gather(both, mine, group=self.mesh.get_group("cfg"))
+            (video_pos, audio_pos), (video_neg, audio_neg) = (
+                (u[: video.numel()].view_as(video), u[video.numel() :].view_as(audio)) for u in both
+            )
+        return cfg(video_neg, video_pos, guidance.video_scale), cfg(
+            audio_neg, audio_pos, guidance.audio_scale
+        )
+
+    # ---------------------------------------------------------------------------- leader/followers
+    def broadcast(self, obj: Any) -> Any:
+        """`obj` from rank 0 to every rank (pickled; tensors should be on the CPU)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._host_group)
+        return box[0]
+
+    def denoise(self, model: OviFusion, job: DenoiseJob, on_step: StepCallback) -> Latents:
+        """The leader's side of a denoising job: sends it to the other ranks, runs its share, returns the
+        final latents. `on_step` runs here only; if it raises (cancellation), every rank stops after
+        the same step."""
+        self.broadcast(job)
+        return self._run(model, job, on_step)
+
+    def follow(self, model: OviFusion) -> None:
+        """A follower's life: run the leader's jobs until it sends None."""
+        while (job := self.broadcast(None)) is not None:
+            try:
+                self._run(model, job, None)
+            except Cancelled:
+                continue
+
+    def _run(self, model: OviFusion, job: DenoiseJob, on_step: StepCallback | None) -> Latents:
+        noise = Latents(job.noise.video.to(self.device), job.noise.audio.to(self.device))
+        cond = Conditioning(
+            *(
+                None if u is None else u.to(self.device)
+                for u in (getattr(job.cond, f.name) for f in dataclasses.fields(job.cond))
+            )
+        )
+        plan = make_plan(job.solver, job.steps, job.shift, job.guidance, self.device)
+
+        def agree(done: int, total: int, x: Latents) -> None:
+            stop = torch.zeros(1, dtype=torch.int32)
+            error: BaseException | None = None
+            if on_step is not None:
+                try:
+                    on_step(done, total, x)
+                except BaseException as exc:  # noqa: BLE001 -- re-raised below, after telling the others
+                    error, stop[0] = exc, 1
+            dist.broadcast(stop, src=0, group=self._host_group)  # a CPU tensor: no device synchronize
+            if error is not None:
+                raise error
+            if stop.item():
+                raise Cancelled("stopped by the leader")
+
+        return denoise(model, noise, cond, plan, agree, self.guided_predict)
+
+    def stop_followers(self) -> None:
+        if self.is_leader and dist.is_initialized():
+            self.broadcast(None)
+
+    @property
+    def _host_group(self) -> dist.ProcessGroup | None:
+        # control messages travel on a gloo group, so they need no device synchronize on CUDA
+        return _HOST_GROUP.get("group")
+
+
+@dataclass(frozen=True)
+class DenoiseJob:
+    """What the leader sends the followers for one request (CPU tensors)."""
+
+    noise: Latents
+    cond: Conditioning
+    solver: str
+    steps: int
+    shift: float
+    guidance: Guidance
+
+
+_HOST_GROUP: dict[str, dist.ProcessGroup] = {}
+
+
+@contextmanager
+def _accelerator_count_at_least_one():
+    # diffusers 0.42.1 `ModelMixin._resolve_parallel_config` computes the rank's device as
+    # `rank % torch.accelerator.device_count()`, a division by zero on a host without an accelerator.
+    # The device it computes is only recorded there; our mesh (built below) decides the placement.
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        yield
+
+
+def init_group(spec: ParallelSpec, rank: int, store: dist.Store, device_type: str) -> ParallelGroup:
+    """Joins the process group of `spec.world_size` ranks that `store` rendezvouses."""
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "cpu:gloo,cuda:nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=spec.world_size, timeout=TIMEOUT)
+    _HOST_GROUP["group"] = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
+    mesh = init_device_mesh(
+        device_type,
+        (spec.world_size // spec.sp, 1, spec.sp),
+        mesh_dim_names=("cfg", "ring", "ulysses"),
+    )
+    return ParallelGroup(spec, rank, device, mesh)
+
+
+def close_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _HOST_GROUP.clear()
+
+
+def _leader_store(world_size: int) -> dist.TCPStore:
+    # port 0: the OS picks a free port on the loopback; followers connect to store.port
+    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+
+
+def _follower_store(port: int, world_size: int) -> dist.TCPStore:
+    return dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=TIMEOUT)
+
+
+# --------------------------------------------------------------------------------------- leader mode
+def start_followers(
+    spec: ParallelSpec, device_type: str, follower: Callable[..., None], *args: Any
+) -> ParallelGroup:
+    """Spawns ranks 1.. running `follower(group, *args)` and makes this process rank 0."""
+    store = _leader_store(spec.world_size)
+    context = multiprocessing.get_context("spawn")
+    for rank in range(1, spec.world_size):
+        context.Process(
+            target=_follower_main,
+            args=(spec, rank, store.port, device_type, follower, args),
+            daemon=True,
+            name=f"ovi-rank{rank}",
+        ).start()
+    return init_group(spec, 0, store, device_type)
+
+
+def _follower_main(
+    spec: ParallelSpec, rank: int, port: int, device_type: str, follower: Callable[..., None], args: tuple
+) -> None:
+    group = init_group(spec, rank, _follower_store(port, spec.world_size), device_type)
+    try:
+        follower(group, *args)
+    finally:
+        close_group()
+
+
+# ----------------------------------------------------------------------------------------- SPMD mode
+def run_spmd(spec: ParallelSpec, device_type: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs `fn(group, *args)` on every rank (rank 0 in this process) and returns rank 0's result;
+    raises if any rank fails."""
+    store = _leader_store(spec.world_size)
+    context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()
+    procs = [
+        context.Process(
+            target=_spmd_main,
+            args=(spec, rank, store.port, device_type, fn, args, errors),
+            name=f"ovi-rank{rank}",
+        )
+        for rank in range(1, spec.world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        group = init_group(spec, 0, store, device_type)
+        try:
+            result = fn(group, *args)
+        finally:
+            close_group()
+    finally:
+        for proc in procs:
+            proc.join()
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    if failures or any(p.exitcode for p in procs):
+        raise RuntimeError("a parallel rank failed:\n" + "\n".join(failures or ["(no traceback)"]))
+    return result
+
+
+def _spmd_main(spec, rank, port, device_type, fn, args, errors) -> None:
+    try:
+        group = init_group(spec, rank, _follower_store(port, spec.world_size), device_type)
+        try:
+            fn(group, *args)
+        finally:
+            close_group()
+    except BaseException:  # noqa: BLE001 -- reported to rank 0, which raises
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        os._exit(1)
+
+
+def gather_tokens(group: ParallelGroup | None, x: Tensor, length: int) -> Tensor:
+    """The whole token stream [B, L, ...] from each rank's share [B, L/sp, ...], cut to `length`."""
+    if group is None or group.spec.sp == 1:
+        return x[:, :length]
+    parts = [torch.empty_like(x) for _ in range(group.spec.sp)]
+    dist.all_gather(parts, x.contiguous(), group=group.mesh.get_group("ulysses"))
+    return torch.cat(parts, dim=1)[:, :length]
