@@ -51,6 +51,7 @@ from ovi_server.models.fusion import OviFusion
 logger = logging.getLogger(__name__)
 
 TIMEOUT = timedelta(minutes=30)  # a collective that waits this long means a rank died
+RENDEZVOUS_TIMEOUT = timedelta(minutes=3)  # every rank joins within this, or start-up fails
 
 
 @dataclass(frozen=True)
@@ -265,11 +266,13 @@ def close_group() -> None:
 
 def _leader_store(world_size: int) -> dist.TCPStore:
     # port 0: the OS picks a free port on the loopback; followers connect to store.port
-    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+    return dist.TCPStore(
+        "127.0.0.1", 0, world_size, is_master=True, timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False
+    )
 
 
 def _follower_store(port: int, world_size: int) -> dist.TCPStore:
-    return dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=TIMEOUT)
+    return dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
 
 
 # --------------------------------------------------------------------------------------- leader mode

@@ -6,17 +6,25 @@ import torch
 
 from ovi_server.config import dit_config
 from ovi_server.engine.device import CPU_FP32, Placement
+from ovi_server.engine.parallel import ParallelGroup, gather_tokens
 from ovi_server.golden.cases import CaseResult, Comparison, GoldenCase
 from ovi_server.models.fusion import load_fusion
 from ovi_server.models.wan_dit import Tokens
 
 
-def run_case(case: GoldenCase, placement: Placement = CPU_FP32) -> CaseResult:
-    """The case through our loader and model on `placement` (CPU float32 by default, as the reference ran)."""
+def run_case(
+    case: GoldenCase, placement: Placement = CPU_FP32, parallel: ParallelGroup | None = None
+) -> CaseResult:
+    """The case through our loader and model on `placement` (CPU float32 by default, as the reference ran).
+
+    With `parallel` (every rank runs this), the model runs sequence parallel; block outputs are
+    gathered from the ranks before they are compared."""
     cfg = case.config
     video_cfg = dit_config(cfg["video"], f"{case.name}:video")
     audio_cfg = dit_config(cfg["audio"], f"{case.name}:audio")
     model = load_fusion(case.weight_path(), video_cfg, audio_cfg, placement)
+    if parallel is not None:
+        parallel.apply(model)
     tensors = {k: v.to(placement.device) for k, v in case.tensors.items()}
     batch = int(cfg.get("batch", 1))
     pick = lambda prefix: [tensors[f"{prefix}_{b}"] for b in range(batch)]  # noqa: E731
@@ -25,7 +33,9 @@ def run_case(case: GoldenCase, placement: Placement = CPU_FP32) -> CaseResult:
     seen: dict[str, torch.Tensor] = {}
 
     def observe(i: int, v: Tokens, a: Tokens) -> None:
-        seen[f"vid_block{i}_out"], seen[f"audio_block{i}_out"] = v.x, a.x
+        # whole streams, at the unsplit length (sequence parallel pads to a multiple of the degree)
+        seen[f"vid_block{i}_out"] = gather_tokens(parallel, v.x, seen["vid_embedded"].shape[1])
+        seen[f"audio_block{i}_out"] = gather_tokens(parallel, a.x, seen["audio_embedded"].shape[1])
 
     # the embeddings are checked through the same `embed` the forward uses
     v = model.video_model.embed(

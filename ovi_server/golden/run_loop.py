@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ovi_server.config import dit_config
 from ovi_server.engine.device import CPU_FP32, Placement
+from ovi_server.engine.parallel import ParallelGroup
 from ovi_server.engine.sampler import Conditioning, Guidance, Latents, denoise, initial_noise, make_plan
 from ovi_server.engine.solvers import Solver
 from ovi_server.golden.cases import CaseResult, Comparison, GoldenCase
@@ -48,8 +49,13 @@ class _RecordingSolver(Solver):
         return out
 
 
-def run_case(case: GoldenCase, placement: Placement = CPU_FP32) -> CaseResult:
-    """The case through our loader and model on `placement` (CPU float32 by default, as the reference ran)."""
+def run_case(
+    case: GoldenCase, placement: Placement = CPU_FP32, parallel: ParallelGroup | None = None
+) -> CaseResult:
+    """The case through our loader and model on `placement` (CPU float32 by default, as the reference ran).
+
+    With `parallel` (every rank runs this), the model runs sequence parallel and, with CFG parallel,
+    each pass on its own ranks; the passes' records are pooled from the ranks before comparing."""
     cfg, tensors = case.config, case.tensors
     cmp = Comparison(case.tolerance)
     sent = cfg.get("texts_sent_to_text_encoder")
@@ -68,6 +74,8 @@ def run_case(case: GoldenCase, placement: Placement = CPU_FP32) -> CaseResult:
         dit_config(cfg["fusion_audio"], f"{case.name}:audio"),
         placement,
     )
+    if parallel is not None:
+        parallel.apply(model)
     image_latent = None
     if cfg["mode"] == "i2v":
         image_latent = tensors["image_latent"][0]  # [48, 1, h, w]: what the VAE encoder returned
@@ -101,7 +109,17 @@ def run_case(case: GoldenCase, placement: Placement = CPU_FP32) -> CaseResult:
         audio_negative=tensors["audio_context_neg"].to(device),
         image_latent=None if image_latent is None else image_latent.to(device),
     )
-    final = denoise(_RecordingModel(model, record), noise, cond, plan)  # type: ignore[arg-type]
+    recording = _RecordingModel(model, record)
+    if parallel is None:
+        final = denoise(recording, noise, cond, plan)  # type: ignore[arg-type]
+    else:
+        final = denoise(recording, noise, cond, plan, predict=parallel.guided_predict)  # type: ignore[arg-type]
+        # under CFG parallel the negative pass ran on other ranks: take its records from them
+        pooled: list[dict[str, list[Tensor]]] = [{} for _ in range(parallel.spec.world_size)]
+        torch.distributed.all_gather_object(pooled, dict(record))
+        for other in pooled:
+            for name, values in other.items():
+                record.setdefault(name, values)
 
     produced = {name: torch.stack(values) for name, values in record.items()}
     produced["timesteps"] = plan.timesteps.double()
