@@ -115,7 +115,7 @@ def run_case(
     else:
         final = denoise(recording, noise, cond, plan, predict=parallel.guided_predict)  # type: ignore[arg-type]
         # under CFG parallel the negative pass ran on other ranks: take its records from them
-        pooled: list[dict[str, list[Tensor]]] = [{} for _ in range(parallel.spec.world_size)]
+        pooled: list[dict[str, list[Tensor]]] = [{} for _ in range(torch.distributed.get_world_size())]
         torch.distributed.all_gather_object(pooled, dict(record))
         for other in pooled:
             for name, values in other.items():
