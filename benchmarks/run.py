@@ -67,6 +67,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
     p.add_argument("--attention", default="native", help="a diffusers attention backend name")
     p.add_argument("--compile", action="store_true", help="torch.compile the fusion blocks (as --compile)")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (as ovi-server generate --sp)")
+    p.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="guidance passes on two groups of --sp (as --cfg-parallel)",
+    )
     p.add_argument("--steps", type=int, help="denoising steps (>= 2; default: the variant's)")
     p.add_argument(
         "--resolution",
@@ -124,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             f"parameters ({params * 4 / GB:.0f} GB in float32) and one step would take hours. "
             "Run it with --device cuda, or use --variant mid (the CPU proxy) or tiny."
         )
+    if args.reference is not None and (args.sp > 1 or args.cfg_parallel):
+        raise UsageError("--reference compares one process with the reference; drop --sp/--cfg-parallel")
     steps = cfg.sampling.steps if args.steps is None else args.steps
     if steps < 2:
         raise UsageError(f"--steps must be at least 2 (the first step is the warm-up), got {steps}")
@@ -140,13 +148,18 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             attention=args.attention,
             compile=args.compile,
+            sp=args.sp,
+            cfg_parallel=args.cfg_parallel,
         )
         started = time.perf_counter()
         pipe = OviPipeline.from_config(engine)
         sync()
         build_s = time.perf_counter() - started
         request = GenerationRequest(PROMPT, size=size, steps=steps, seed=args.seed, solver="unipc")
-        stages, clip, memory = _time_generation(pipe, request, Path(tmp) / "bench.mp4", sync)
+        try:
+            stages, clip, memory = _time_generation(pipe, request, Path(tmp) / "bench.mp4", sync)
+        finally:
+            pipe.close()
         stages["build"] = {"s": build_s}
         checkpoint = (
             _time_checkpoint_load(pipe.cfg, config_path, args, Path(tmp)) if args.checkpoint_load else None
@@ -161,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(placement.dtype).removeprefix("torch."),
         "attention": placement.attention,
         "compile": args.compile,
+        "sp": args.sp,
+        "cfg_parallel": args.cfg_parallel,
         "steps": steps,
         "seed": args.seed,
         "random_weights": True,

@@ -248,6 +248,8 @@ def init_group(spec: ParallelSpec, rank: int, store: dist.Store, device_type: st
         device, backend = torch.device("cuda", rank), "cpu:gloo,cuda:nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        # the ranks share the host's cores: without this each would start one thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
     dist.init_process_group(backend, store=store, rank=rank, world_size=spec.world_size, timeout=TIMEOUT)
     _HOST_GROUP["group"] = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
     mesh = init_device_mesh(
