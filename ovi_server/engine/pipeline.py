@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.device import Placement, resolve_placement
-from ovi_server.engine.parallel import DenoiseJob, ParallelGroup, ParallelSpec, check_spec, start_followers
+from ovi_server.engine.parallel import (
+    DenoiseJob,
+    ParallelGroup,
+    ParallelSpec,
+    check_spec,
+    close_group,
+    start_followers,
+)
 from ovi_server.engine.preview import preview_png
 from ovi_server.engine.request import (
     MAX_RANDOM_SEED,
@@ -206,6 +213,8 @@ class OviPipeline:
         """Lets the other ranks of a parallel pipeline exit; nothing to do for a single process."""
         if self.parallel is not None and self.parallel.is_leader:
             self.parallel.stop_followers()
+            close_group()
+            self.parallel = None
 
     # -------------------------------------------------------------------------------------- requests
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:

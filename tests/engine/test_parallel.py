@@ -137,6 +137,32 @@ def test_layouts_the_host_or_model_cannot_run_say_what_to_change():
         check_spec(ParallelSpec(0), "cpu")
 
 
+def test_a_cancelled_request_stops_every_rank_and_the_next_one_runs(tmp_path):
+    from ovi_server.config import EngineConfig
+    from ovi_server.engine.pipeline import OviPipeline
+    from ovi_server.engine.request import GenerationRequest
+    from ovi_server.errors import Cancelled
+
+    pipeline = OviPipeline.from_config(EngineConfig(variant="tiny", device="cpu", sp=2))
+    request = GenerationRequest(prompt="A cat says <S>hi<E> Audio: purr", seed=1)
+    steps_seen = []
+
+    def cancel_at_step_2(event):
+        if event.stage == "denoise":
+            steps_seen.append(event.done)
+            if event.done == 2:
+                raise Cancelled("user")
+
+    try:
+        with pytest.raises(Cancelled):
+            pipeline.generate(request, tmp_path / "cancelled.mp4", cancel_at_step_2)
+        assert steps_seen == [0, 1, 2] and not (tmp_path / "cancelled.mp4").exists()
+        clip = pipeline.generate(request, tmp_path / "next.mp4")  # the other rank is waiting for it
+        assert clip.path.stat().st_size > 0
+    finally:
+        pipeline.close()
+
+
 def _decode(path):
     with av.open(str(path)) as container:
         video = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
