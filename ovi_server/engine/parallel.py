@@ -107,6 +107,9 @@ class ParallelGroup:
     rank: int
     device: torch.device
     mesh: DeviceMesh  # ("cfg", "ring", "ulysses")
+    # control messages (jobs, the per-step stop flag) travel on a gloo group through host memory, so
+    # they never wait on a device synchronize
+    host_group: dist.ProcessGroup
 
     @property
     def is_leader(self) -> bool:
@@ -160,7 +163,7 @@ class ParallelGroup:
     def broadcast(self, obj: Any) -> Any:
         """`obj` from rank 0 to every rank (pickled; tensors should be on the CPU)."""
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._host_group)
+        dist.broadcast_object_list(box, src=0, group=self.host_group)
         return box[0]
 
     def denoise(self, model: OviFusion, job: DenoiseJob, on_step: StepCallback) -> Latents:
@@ -196,7 +199,7 @@ class ParallelGroup:
                     on_step(done, total, x)
                 except BaseException as exc:  # noqa: BLE001 -- re-raised below, after telling the others
                     error, stop[0] = exc, 1
-            dist.broadcast(stop, src=0, group=self._host_group)  # a CPU tensor: no device synchronize
+            dist.broadcast(stop, src=0, group=self.host_group)  # a CPU tensor: no device synchronize
             if error is not None:
                 raise error
             if stop.item():
@@ -207,11 +210,6 @@ class ParallelGroup:
     def stop_followers(self) -> None:
         if self.is_leader and dist.is_initialized():
             self.broadcast(None)
-
-    @property
-    def _host_group(self) -> dist.ProcessGroup | None:
-        # control messages travel on a gloo group, so they need no device synchronize on CUDA
-        return _HOST_GROUP.get("group")
 
 
 @dataclass(frozen=True)
@@ -224,9 +222,6 @@ class DenoiseJob:
     steps: int
     shift: float
     guidance: Guidance
-
-
-_HOST_GROUP: dict[str, dist.ProcessGroup] = {}
 
 
 @contextmanager
@@ -251,19 +246,18 @@ def init_group(spec: ParallelSpec, rank: int, store: dist.Store, device_type: st
         # the ranks share the host's cores: without this each would start one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
     dist.init_process_group(backend, store=store, rank=rank, world_size=spec.world_size, timeout=TIMEOUT)
-    _HOST_GROUP["group"] = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
+    host_group = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
     mesh = init_device_mesh(
         device_type,
         (spec.world_size // spec.sp, 1, spec.sp),
         mesh_dim_names=("cfg", "ring", "ulysses"),
     )
-    return ParallelGroup(spec, rank, device, mesh)
+    return ParallelGroup(spec, rank, device, mesh, host_group)
 
 
 def close_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-    _HOST_GROUP.clear()
 
 
 def _leader_store(world_size: int) -> dist.TCPStore:
