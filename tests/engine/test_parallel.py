@@ -188,3 +188,13 @@ def test_generate_sp2_makes_the_video_sp1_makes(tmp_path):
     # latents agree to float32 rounding; H.264 turns that into at most a few levels on a few pixels,
     # far below what another seed changes
     assert np.abs(video2 - video1).mean() < 1.0 < np.abs(other - video1).mean()
+
+
+def test_generate_refuses_a_degree_the_heads_cannot_take():
+    command = [sys.executable, "-m", "ovi_server.cli", "generate", "A cat says <S>hi<E> Audio: purr"]
+    done = subprocess.run(
+        [*command, "--device", "cpu", "--sp", "3"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "--sp 3 does not divide the model's 2 attention heads" in done.stderr
+    assert "Traceback" not in done.stderr
