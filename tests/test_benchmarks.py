@@ -70,3 +70,19 @@ def test_reference_flash_attention_stand_in_matches_our_attention():
     theirs = sdpa_attention(q, k, v, k_lens=torch.tensor([4, 7], dtype=torch.int32))
     torch.testing.assert_close(theirs, ours)
     torch.testing.assert_close(sdpa_attention(q, k, v), attention(q, k, v))
+
+
+def test_forward_bench_reports_one_json_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.forward", "--variant", "tiny", "--reps", "2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["bench"] == "forward" and len(line["times_s"]) == 2
+    assert line["video_tokens"] == 12 and line["audio_tokens"] == 13  # tiny's default t2v shape
+    assert 0 < line["min_s"] <= line["median_s"]
