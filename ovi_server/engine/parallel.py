@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import os
 import traceback
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing
 from diffusers import ContextParallelConfig
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -277,7 +277,7 @@ def start_followers(
 ) -> ParallelGroup:
     """Spawns ranks 1.. running `follower(group, *args)` and makes this process rank 0."""
     store = _leader_store(spec.world_size)
-    context = multiprocessing.get_context("spawn")
+    context = torch.multiprocessing.get_context("spawn")
     for rank in range(1, spec.world_size):
         context.Process(
             target=_follower_main,
@@ -303,7 +303,7 @@ def run_spmd(spec: ParallelSpec, device_type: str, fn: Callable[..., Any], *args
     """Runs `fn(group, *args)` on every rank (rank 0 in this process) and returns rank 0's result;
     raises if any rank fails."""
     store = _leader_store(spec.world_size)
-    context = multiprocessing.get_context("spawn")
+    context = torch.multiprocessing.get_context("spawn")
     errors = context.SimpleQueue()
     procs = [
         context.Process(
