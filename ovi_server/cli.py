@@ -1,4 +1,5 @@
-"""`ovi-server`: the command line. `serve` runs the fal-compatible HTTP API with its generation worker.
+"""`ovi-server`: the command line. `serve` runs the fal-compatible HTTP API and supervises its worker
+processes; `worker` is one of those processes (start more by hand, on this or other hosts).
 
 Every option has an environment variable (shown in --help); flags win over the environment, which wins
 over the defaults. main() uses subparsers so `generate`, `weights`, ... can be added next to `serve`.
@@ -40,14 +41,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     engine = p.add_argument_group("model")
     add_model_options(engine)
     add_runtime_options(engine)
-    env_option(
-        engine,
-        "--previews",
-        "OVI_PREVIEWS",
-        "live previews of the video while it denoises: every N steps (and the last), or off",
-        "5",
-        type=previews_every,
-    )
+    add_preview_option(engine)
 
     net = p.add_argument_group("network")
     env_option(net, "--host", "OVI_HOST", "listen address", "127.0.0.1")
@@ -98,27 +92,58 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     env_option(limits, "--max-queued-per-key", "OVI_MAX_QUEUED_PER_KEY", "queued + running requests per API key (429 above)", "100", type=int)  # fmt: skip
     env_option(limits, "--fetch-timeout", "OVI_FETCH_TIMEOUT", "seconds to download an image_url at submit, in all", "10", type=float)  # fmt: skip
 
-    data = p.add_argument_group("data")
+    add_queue_options(p)
+    env_option(
+        p.add_argument_group("workers"),
+        "--workers",
+        "OVI_WORKERS",
+        "worker processes to start beside the API: default one per visible CUDA device (one without "
+        "CUDA); 0 serves the API alone (start `ovi-server worker` processes yourself)",
+        type=int,
+    )
+    data = p.add_argument_group("retention and webhooks")
+    env_option(data, "--retention-hours", "OVI_RETENTION_HOURS", "delete outputs and uploads after", "24", type=float)  # fmt: skip
+    env_option(data, "--webhook-retry-base", "OVI_WEBHOOK_RETRY_BASE", "seconds before the first webhook retry (doubles)", "7", type=float)  # fmt: skip
+    add_log_options(p)
+    p.set_defaults(func=serve)
+
+
+def add_queue_options(p: argparse.ArgumentParser) -> None:
+    """Where jobs and files live (serve and worker)."""
+    data = p.add_argument_group("queue and files")
     env_option(
         data, "--data-dir", "OVI_DATA_DIR", "jobs database, files, webhook key (default: the user data dir)"
     )
     env_option(
-        data, "--retention-hours", "OVI_RETENTION_HOURS", "delete outputs and uploads after", "24", type=float
+        data,
+        "--queue",
+        "OVI_QUEUE",
+        "sqlite:///PATH (one host; default: jobs.sqlite3 in the data dir) or redis://HOST:PORT/DB (many hosts)",
+    )
+    env_option(
+        data,
+        "--lease-seconds",
+        "OVI_LEASE_SECONDS",
+        "a running job whose worker has not renewed its lease for this long is queued again",
+        "30",
+        type=float,
+    )
+    env_option(
+        data,
+        "--max-attempts",
+        "OVI_MAX_ATTEMPTS",
+        "runs of a job whose worker died or froze before it fails (runner_disconnected)",
+        "2",
+        type=int,
     )
     env_option(data, "--storage", "OVI_STORAGE", "where files live", "local", choices=["local", "s3"])
     env_option(
         data, "--s3-bucket", "OVI_S3_BUCKET", "bucket for --storage s3 (credentials: the usual AWS_* env)"
     )
     env_option(data, "--s3-endpoint-url", "OVI_S3_ENDPOINT_URL", "S3-compatible endpoint (MinIO, R2, ...)")
-    env_option(
-        data,
-        "--max-attempts",
-        "OVI_MAX_ATTEMPTS",
-        "runs of a job interrupted by a crash before it fails",
-        "2",
-        type=int,
-    )
-    env_option(data, "--webhook-retry-base", "OVI_WEBHOOK_RETRY_BASE", "seconds before the first webhook retry (doubles)", "7", type=float)  # fmt: skip
+
+
+def add_log_options(p: argparse.ArgumentParser) -> None:
     env_option(p, "--log-level", "OVI_LOG_LEVEL", "debug, info, warning", "info")
     env_option(
         p,
@@ -128,7 +153,34 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "text",
         choices=["text", "json"],
     )
-    p.set_defaults(func=serve)
+
+
+def add_worker_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run one generation worker: load the model once, take jobs from the queue until stopped",
+        description="A worker process: claims jobs from --queue, generates, stores the MP4. Start one per "
+        "GPU, on any host that reaches the queue and the file storage. SIGTERM stops it cleanly (its "
+        "running job goes back to the head of the queue).",
+    )
+    engine = p.add_argument_group("model")
+    add_model_options(engine)
+    add_runtime_options(engine)
+    add_preview_option(engine)
+    add_queue_options(p)
+    add_log_options(p)
+    p.set_defaults(func=worker)
+
+
+def add_preview_option(group: argparse._ArgumentGroup) -> None:
+    env_option(
+        group,
+        "--previews",
+        "OVI_PREVIEWS",
+        "live previews of the video while it denoises: every N steps (and the last), or off",
+        "5",
+        type=previews_every,
+    )
 
 
 def previews_every(text: str) -> int:
@@ -144,13 +196,25 @@ def build_server_config(args: argparse.Namespace) -> ServerConfig:
     import platformdirs
 
     engine = replace(engine_config(args), preview_every=args.previews)
+    data_dir = Path(args.data_dir or platformdirs.user_data_dir("ovi-server"))
+    queue_side = {
+        "engine": engine,
+        "data_dir": data_dir,
+        "queue": args.queue or None,
+        "lease_s": float(args.lease_seconds),
+        "max_attempts": int(args.max_attempts),
+        "storage": args.storage,
+        "s3_bucket": args.s3_bucket,
+        "s3_endpoint_url": args.s3_endpoint_url,
+    }
+    if args.command == "worker":
+        return ServerConfig(**queue_side)
     keys = tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip())
     return ServerConfig(
-        engine=engine,
+        **queue_side,
         host=args.host,
         port=int(args.port),
         public_url=args.public_url.rstrip("/") if args.public_url else None,
-        data_dir=Path(args.data_dir or platformdirs.user_data_dir("ovi-server")),
         api_keys=keys,
         no_auth=args.no_auth,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
@@ -158,14 +222,11 @@ def build_server_config(args: argparse.Namespace) -> ServerConfig:
         tls_port=int(args.tls_port) if args.tls_port else None,
         output_retention_hours=float(args.retention_hours),
         webhook_retry_base_s=float(args.webhook_retry_base),
-        max_attempts=int(args.max_attempts),
-        storage=args.storage,
-        s3_bucket=args.s3_bucket,
-        s3_endpoint_url=args.s3_endpoint_url,
         allowed_networks=tuple(str(n) for n in _networks(args.allowed_networks)),
         max_body_bytes=int(args.max_body_bytes),
         max_queued_per_key=int(args.max_queued_per_key),
         fetch_timeout_s=float(args.fetch_timeout),
+        workers=None if args.workers in (None, "") else int(args.workers),
     )
 
 
@@ -213,9 +274,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ovi_server.api.app import build_app, build_files
+    from ovi_server.jobs.backends import open_store
     from ovi_server.jobs.metrics import Metrics
-    from ovi_server.jobs.sqlite import SqliteJobStore
-    from ovi_server.jobs.worker import Worker, load_pipeline
+    from ovi_server.jobs.supervisor import Supervisor, worker_argv, worker_devices
 
     config = build_server_config(args)
     check_auth(config)
@@ -224,28 +285,21 @@ def serve(args: argparse.Namespace) -> int:
     for port in (config.port, config.tls_port):
         if port is not None:
             check_port_free(config.host, port)  # before the model loads, which can take minutes
+    if config.workers is not None and config.workers < 0:
+        raise SystemExit(f"--workers {config.workers}: expected 0 or more")
     logger.info("config %s", config)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(config.data_dir)  # noqa: F841 -- held until the process exits
-    store = SqliteJobStore(config.data_dir / "jobs.sqlite3")
-    requeued, failed = store.recover(config.max_attempts)
-    if requeued or failed:
-        logger.warning(
-            "recovered after a crash: %d job(s) queued again, %d failed", len(requeued), len(failed)
-        )
+    store = open_store(config)
+    warn_if_files_not_shared(config)
     files = build_files(config)
-    metrics = Metrics(store)
-    # The worker runs in this process, as a thread: the model loads once, before the port opens.
-    worker = Worker(
-        config.engine,
-        store,
-        files,
-        metrics,
-        pipeline=load_pipeline(config.engine),
-        tmp_dir=config.data_dir / "tmp",
+    devices = worker_devices(config)
+    supervisor = Supervisor([worker_argv(config, d, args.log_level, args.log_format) for d in devices])
+    logger.info(
+        "%d worker process(es)%s", len(devices), f" on {', '.join(devices)}" if devices else ": API only"
     )
-    worker.start()
-    app = build_app(config, store, files, metrics)
+    supervisor.start()
+    app = build_app(config, store, files, Metrics(store))
 
     common = {"log_level": args.log_level.lower(), "timeout_graceful_shutdown": 5}
     tls = (
@@ -263,7 +317,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_serve_all(servers))
     finally:
-        worker.stop()
+        supervisor.stop()
         store.close()
     return 0
 
@@ -282,9 +336,54 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def worker(args: argparse.Namespace) -> int:
+    """One worker process: SIGTERM/SIGINT stop it cleanly; its running job goes back to the queue."""
+    import signal
+
+    from ovi_server.api.app import build_files
+    from ovi_server.jobs.backends import open_store
+    from ovi_server.jobs.worker import Worker
+
+    config = build_server_config(args)
+    logger.info("worker config %s", config)
+    store = open_store(config)
+    warn_if_files_not_shared(config)
+    from ovi_server.jobs.backends import is_shared_queue
+
+    # Job scratch dirs: in the data dir, where the worker sweeps those of dead processes on this host
+    # (by pid); per host when the queue spans hosts and the data dir may be shared between them.
+    scratch = config.data_dir / "tmp" / (socket.gethostname() if is_shared_queue(config) else "")
+    process = Worker(config.engine, store, build_files(config), tmp_dir=scratch)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("worker %s: %s, stopping", process.id, signal.Signals(signum).name)
+        process.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        process.run_forever()
+    finally:
+        store.close()
+    return 0
+
+
+def warn_if_files_not_shared(config: ServerConfig) -> None:
+    from ovi_server.jobs.backends import is_shared_queue
+
+    if is_shared_queue(config) and config.storage == "local":
+        logger.warning(
+            "queue %s is shared across hosts but files are local (%s): a video made on another host is "
+            "only downloadable if %s is a directory every API and worker host shares (NFS, ...); "
+            "otherwise use --storage s3",
+            config.queue, config.data_dir / "files", config.data_dir / "files",
+        )  # fmt: skip
+
+
 def _lock_data_dir(data_dir: Path) -> object:
-    """One server per data dir: at start-up it re-queues every job left running, which is only right if
-    no other live process runs them. The lock goes away with the process, also on SIGKILL."""
+    """One API server per data dir (it owns the webhook sender and the retention sweep); `ovi-server
+    worker` processes do not take the lock, so hand-started workers share the dir with it. The lock goes
+    away with the process, also on SIGKILL."""
     import fcntl
 
     handle = open(data_dir / "server.lock", "w")  # noqa: SIM115 -- kept open for the process's life
@@ -309,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovi-server", description="Self-hosted Ovi with fal's API.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
+    add_worker_parser(sub)
     add_generate_parser(sub)
     add_weights_parser(sub)
     return parser

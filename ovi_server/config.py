@@ -285,8 +285,13 @@ class ServerConfig:
     output_retention_hours: float = 24.0  # generated MP4s and uploads are deleted after this
     webhook_retry_base_s: float = 7.0  # delays base·2^n: 10 retries span ~2 h, as on fal
     webhook_max_retries: int = 10
-    # A job found running at start-up was interrupted by a crash; it is re-queued this many times at most.
+    # A job whose worker stopped renewing its lease is re-queued; it runs this many times at most.
     max_attempts: int = 2
+    # The queue: "sqlite:///PATH" (None: sqlite under data_dir; one host) or "redis://HOST:PORT/DB" (many hosts).
+    queue: str | None = None
+    lease_s: float = 30.0  # a claimed job's lease, renewed by its worker's heartbeat every lease_s / 3
+    # Worker processes `serve` starts: None = one per visible CUDA device (one without CUDA), 0 = API only.
+    workers: int | None = None
     storage: Literal["local", "s3"] = "local"
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None

@@ -67,8 +67,10 @@ def build_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sender.start()
         sweeper = asyncio.create_task(_sweep(store, files, config.output_retention_hours * 3600))
+        janitor = asyncio.create_task(_requeue_expired(store))
         yield
         sweeper.cancel()
+        janitor.cancel()
         sender.stop()
         io_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -117,6 +119,23 @@ async def _sweep(store: JobStore, files: FileStore, max_age_s: float) -> None:
                 "retention: forgot %d finished requests older than %.1f h", forgotten, max_age_s / 3600
             )
         await asyncio.sleep(RETENTION_SWEEP_S)
+
+
+async def _requeue_expired(store: JobStore) -> None:
+    """Put back jobs whose worker stopped renewing its lease, even while every live worker is busy (the
+    workers also do it whenever they claim)."""
+    while True:
+        await asyncio.sleep(max(0.05, store.lease_s / 3))
+        try:
+            requeued, failed = await asyncio.to_thread(store.requeue_expired)
+        except Exception:  # noqa: BLE001 -- a store outage must not end the janitor
+            logger.warning("janitor: could not check leases", exc_info=True)
+            continue
+        if requeued or failed:
+            logger.warning(
+                "janitor: %d job(s) whose worker stopped queued again, %d failed (out of attempts)",
+                len(requeued), len(failed),
+            )  # fmt: skip
 
 
 def _document_inputs(app: FastAPI) -> None:

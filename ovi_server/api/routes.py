@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Stre
 from ovi_server import outbound
 from ovi_server.api import limits, schemas
 from ovi_server.api.auth import require_key, require_key_or_token
-from ovi_server.api.errors import FalError, is_request_id
+from ovi_server.api.errors import FalError, Unauthorized, is_request_id
 from ovi_server.engine.request import GenerationRequest
 from ovi_server.errors import JobNotFound
 from ovi_server.jobs.store import (
@@ -499,8 +499,30 @@ async def jwks(request: Request) -> JSONResponse:
 
 @router.get("/health", tags=["ops"])
 async def health(request: Request) -> dict[str, Any]:
-    counts = _store(request).counts()
-    return {"status": "ok", "jobs": {status.value: n for status, n in counts.items()}}
+    """Liveness for anyone; with a valid key also the queue depth and every worker heard from recently."""
+    try:
+        request.app.state.keys.identify(request.headers.get("authorization"))
+    except Unauthorized:
+        return {"status": "ok"}
+    store = _store(request)
+    counts, workers = await asyncio.gather(asyncio.to_thread(store.counts), asyncio.to_thread(store.workers))
+    return {
+        "status": "ok",
+        "queue_depth": counts[JobStatus.QUEUED],
+        "jobs": {status.value: n for status, n in counts.items()},
+        "workers": [
+            {
+                "id": w.id,
+                "host": w.host,
+                "pid": w.pid,
+                "device": w.device,
+                "state": w.state.value,
+                "job": w.job,
+                "last_heartbeat": w.last_heartbeat,
+            }
+            for w in workers
+        ],
+    }
 
 
 @router.get("/metrics", tags=["ops"], dependencies=authed)

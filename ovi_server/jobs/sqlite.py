@@ -1,35 +1,47 @@
-"""`SqliteJobStore`: the default `JobStore`, one file in the data dir, WAL mode.
+"""`SqliteJobStore`: the default `JobStore`, one file in the data dir, WAL mode; one host, many processes.
 
-One connection per thread (the event loop, the worker and the webhook sender each get their own);
-WAL lets readers (status polls) run while the worker writes. Claims use `UPDATE ... RETURNING` inside
-`BEGIN IMMEDIATE`, so two workers on the same file never take the same job.
+One connection per thread (the event loop, each worker and the webhook sender get their own);
+WAL lets readers (status polls) run while a worker writes. Claims use `UPDATE ... RETURNING` inside
+`BEGIN IMMEDIATE`, so two worker processes on the same file never take the same job. A claim sets
+`lease` (a fresh token) and `lease_until`; the worker's heartbeat moves `lease_until` on, and every claim
+(and the API's janitor) first puts back jobs whose lease ran out.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from ovi_server.engine.request import GenerationRequest
 from ovi_server.errors import JobNotFound
 from ovi_server.jobs.store import (
+    CANCELLED,
+    START_TIMEOUT,
     FailureKind,
-    FieldError,
     Job,
     JobFailure,
     JobResult,
     JobStatus,
+    LeaseLost,
     LogLine,
     NewJob,
     Priority,
     WebhookState,
+    WorkerInfo,
+    dump_failure,
+    dump_request,
+    dump_result,
+    dump_worker,
+    interrupted_failure,
+    load_failure,
+    load_request,
+    load_result,
+    load_worker,
 )
+
+WORKER_FORGET_S = 3600.0  # a worker silent this long is dropped from the workers table
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -52,7 +64,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_url TEXT,
     webhook_state TEXT NOT NULL,
     webhook_attempts INTEGER NOT NULL DEFAULT 0,
-    webhook_next_at REAL
+    webhook_next_at REAL,
+    worker TEXT,                                -- worker id while running
+    lease TEXT,                                 -- token of the current claim
+    lease_until REAL                            -- unix seconds; renewed by the worker's heartbeat
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, status);
@@ -68,15 +83,28 @@ CREATE TABLE IF NOT EXISTS previews (           -- the latest live preview of ea
     job_id TEXT PRIMARY KEY,
     png BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    last_heartbeat REAL NOT NULL,
+    info TEXT NOT NULL                          -- WorkerInfo as JSON
+);
 """
+# Columns added after the first release; a data dir made by an older version gets them on open.
+_ADDED_COLUMNS = {"worker": "TEXT", "lease": "TEXT", "lease_until": "REAL"}
 
 
 class SqliteJobStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lease_s: float = 30.0, max_attempts: int = 2, poll_s: float = 0.05):
         self.path = Path(path)
+        self.lease_s, self.max_attempts, self.poll_s = lease_s, max_attempts, poll_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(SCHEMA)
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)").fetchall()}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in have:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -111,14 +139,14 @@ class SqliteJobStore:
                 job_id,
                 new.app,
                 status.value,
-                _dump_request(new.request),
+                dump_request(new.request),
                 new.owner,
                 new.base_url,
                 int(new.priority),
                 now,
                 now if new.failure else None,
                 new.start_deadline,
-                _dump_failure(new.failure),
+                dump_failure(new.failure),
                 new.webhook_url,
                 webhook.value,
                 now if new.webhook_url else None,
@@ -155,32 +183,45 @@ class SqliteJobStore:
         )
         return int(row[0])
 
-    def claim_next(self) -> Job | None:
+    def claim_next(self, worker_id: str = "", block_s: float = 0.0) -> Job | None:
+        # SQLite has no blocking read: poll every `poll_s` (50 ms) until `block_s` has passed.
+        deadline = time.monotonic() + block_s
+        while True:
+            job = self._claim(worker_id)
+            if job is not None or time.monotonic() >= deadline:
+                return job
+            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+
+    def _claim(self, worker_id: str) -> Job | None:
         now = time.time()
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            self._requeue_expired(conn, now)
             expired = conn.execute(
-                "SELECT id, start_deadline FROM jobs WHERE status = 'queued' AND start_deadline < ?", (now,)
+                "SELECT id FROM jobs WHERE status = 'queued' AND start_deadline < ?", (now,)
             ).fetchall()
             for row in expired:
-                failure = JobFailure(
-                    FailureKind.START_TIMEOUT,
-                    "the request did not start within its x-fal-request-timeout; "
-                    "resubmit with a longer timeout or when the queue is shorter",
-                )
-                self._finish(conn, row["id"], JobStatus.FAILED, failure=failure, now=now)
+                self._finish(conn, row["id"], JobStatus.FAILED, failure=START_TIMEOUT, now=now)
             row = conn.execute(
-                "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1"
+                "UPDATE jobs SET status = 'running', started_at = ?, attempts = attempts + 1, worker = ?,"
+                " lease = ?, lease_until = ?"
                 " WHERE id = (SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority, seq LIMIT 1)"
                 " RETURNING *",
-                (now,),
+                (now, worker_id, uuid.uuid4().hex, now + self.lease_s),
             ).fetchone()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return None if row is None else _job(row)
+
+    def renew(self, job_id: str, lease: str) -> bool:
+        cursor = self._conn().execute(
+            "UPDATE jobs SET lease_until = ? WHERE id = ? AND lease = ? AND status = 'running'",
+            (time.time() + self.lease_s, job_id, lease),
+        )
+        return cursor.rowcount == 1
 
     def _finish(
         self,
@@ -191,21 +232,27 @@ class SqliteJobStore:
         now: float,
         result: JobResult | None = None,
         failure: JobFailure | None = None,
+        lease: str | None = None,
     ) -> None:
-        conn.execute(
-            "UPDATE jobs SET status = ?, finished_at = ?, result = ?, failure = ?,"
+        cursor = conn.execute(
+            "UPDATE jobs SET status = ?, finished_at = ?, result = ?, failure = ?, lease = NULL,"
+            " lease_until = NULL,"
             " webhook_next_at = CASE WHEN webhook_state = 'pending' THEN ? ELSE webhook_next_at END"
-            " WHERE id = ?",
-            (status.value, now, _dump_result(result), _dump_failure(failure), now, job_id),
+            " WHERE id = ? AND (? IS NULL OR (lease = ? AND status = 'running'))",
+            (status.value, now, dump_result(result), dump_failure(failure), now, job_id, lease, lease),
         )
+        if cursor.rowcount == 0:
+            if lease is not None:
+                raise LeaseLost(f"job {job_id}: lease {lease} is no longer held; result discarded")
+            raise JobNotFound(f"no request with id {job_id!r}")
 
-    def succeed(self, job_id: str, result: JobResult) -> Job:
-        self._finish(self._conn(), job_id, JobStatus.SUCCEEDED, result=result, now=time.time())
+    def succeed(self, job_id: str, result: JobResult, lease: str | None = None) -> Job:
+        self._finish(self._conn(), job_id, JobStatus.SUCCEEDED, result=result, now=time.time(), lease=lease)
         return self.get(job_id)
 
-    def fail(self, job_id: str, failure: JobFailure) -> Job:
+    def fail(self, job_id: str, failure: JobFailure, lease: str | None = None) -> Job:
         status = JobStatus.CANCELLED if failure.kind is FailureKind.CANCELLED else JobStatus.FAILED
-        self._finish(self._conn(), job_id, status, failure=failure, now=time.time())
+        self._finish(self._conn(), job_id, status, failure=failure, now=time.time(), lease=lease)
         return self.get(job_id)
 
     def request_cancel(self, job_id: str) -> JobStatus:
@@ -217,8 +264,7 @@ class SqliteJobStore:
                 raise JobNotFound(f"no request with id {job_id!r}")
             before = JobStatus(row["status"])
             if before is JobStatus.QUEUED:
-                failure = JobFailure(FailureKind.CANCELLED, "Request was cancelled")
-                self._finish(conn, job_id, JobStatus.CANCELLED, failure=failure, now=time.time())
+                self._finish(conn, job_id, JobStatus.CANCELLED, failure=CANCELLED, now=time.time())
             elif before is JobStatus.RUNNING:
                 conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             conn.execute("COMMIT")
@@ -227,54 +273,86 @@ class SqliteJobStore:
             raise
         return before
 
-    def release(self, job_id: str) -> None:
+    def release(self, job_id: str, lease: str | None = None, count_attempt: bool = False) -> None:
         self._conn().execute(
-            "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = MAX(attempts - 1, 0)"
-            " WHERE id = ? AND status = 'running'",
-            (job_id,),
+            "UPDATE jobs SET status = 'queued', started_at = NULL, worker = NULL, lease = NULL,"
+            " lease_until = NULL, attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END"
+            " WHERE id = ? AND status = 'running' AND (? IS NULL OR lease = ?)",
+            (count_attempt, job_id, lease, lease),
         )
 
-    def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
-        """Called once at start-up, before the worker runs, by the only server on this data dir (cli.py
-        holds a lock), so every RUNNING row is an orphan of a dead process.
-
-        Orphans are re-queued rather than failed: a generation has no side effects and re-runs with the
-        same seed, so running it again is what the caller wants, and a deploy or crash does not turn
-        accepted requests into errors. But a request that was running during `max_attempts` deaths is
-        failed with a reason: it may be what kills the server (host OOM), and retrying it forever would
-        take every request behind it down too.
-        """
+    def requeue_expired(self, now: float | None = None) -> tuple[list[str], list[str]]:
         conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            outcome = self._requeue_expired(conn, time.time() if now is None else now)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return outcome
+
+    def _requeue_expired(self, conn: sqlite3.Connection, now: float) -> tuple[list[str], list[str]]:
+        """Jobs keep their `seq`, so a re-queued job is at the head of its priority's queue again. Running it
+        again is what the caller wants (a generation has no side effects and re-runs with the same seed),
+        but a job whose worker died `max_attempts` times is failed: it may be what kills the workers."""
         requeued: list[str] = []
         failed: list[str] = []
-        rows = conn.execute("SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'running'")
-        for row in rows.fetchall():
+        rows = conn.execute(
+            "SELECT id, attempts, cancel_requested, worker FROM jobs WHERE status = 'running'"
+            " AND (lease_until IS NULL OR lease_until < ?)",
+            (now,),
+        ).fetchall()
+        for row in rows:
             job_id = row["id"]
             if row["cancel_requested"]:
-                self.fail(job_id, JobFailure(FailureKind.CANCELLED, "Request was cancelled"))
+                self._finish(conn, job_id, JobStatus.CANCELLED, failure=CANCELLED, now=now)
                 failed.append(job_id)
-            elif row["attempts"] >= max_attempts:
-                msg = (
-                    f"the server stopped while this request was running, {row['attempts']} times; "
-                    "it is not retried again (it may be what crashes the server: check the server log "
-                    "and memory); resubmit it to try again"
-                )
-                self.fail(job_id, JobFailure(FailureKind.INTERRUPTED, msg))
-                self.append_log(job_id, msg, "ERROR")
+            elif row["attempts"] >= self.max_attempts:
+                failure = interrupted_failure(row["attempts"])
+                self._finish(conn, job_id, JobStatus.FAILED, failure=failure, now=now)
+                self._log(conn, job_id, failure.message, "ERROR")
                 failed.append(job_id)
             else:
                 conn.execute(
-                    "UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ? AND status = 'running'",
+                    "UPDATE jobs SET status = 'queued', started_at = NULL, worker = NULL, lease = NULL,"
+                    " lease_until = NULL WHERE id = ?",
                     (job_id,),
                 )
-                self.append_log(job_id, "server restarted while this request ran; queued again", "WARN")
+                msg = f"worker {row['worker'] or '?'} stopped renewing its lease (killed or frozen); queued again"
+                self._log(conn, job_id, msg, "WARN")
                 requeued.append(job_id)
         return requeued, failed
+
+    # -- workers -----------------------------------------------------------------------------------
+
+    def heartbeat(self, worker: WorkerInfo) -> None:
+        self._conn().execute(
+            "INSERT INTO workers (id, last_heartbeat, info) VALUES (?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET last_heartbeat = excluded.last_heartbeat, info = excluded.info",
+            (worker.id, worker.last_heartbeat, dump_worker(worker)),
+        )
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._conn().execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self) -> list[WorkerInfo]:
+        conn = self._conn()
+        now = time.time()
+        conn.execute("DELETE FROM workers WHERE last_heartbeat < ?", (now - WORKER_FORGET_S,))
+        rows = conn.execute(
+            "SELECT info FROM workers WHERE last_heartbeat >= ? ORDER BY id", (now - 3 * self.lease_s,)
+        ).fetchall()
+        return [load_worker(row[0]) for row in rows]
 
     # -- logs, metrics, webhooks ---------------------------------------------------------------------
 
     def append_log(self, job_id: str, message: str, level: str = "INFO") -> None:
-        self._conn().execute(
+        self._log(self._conn(), job_id, message, level)
+
+    @staticmethod
+    def _log(conn: sqlite3.Connection, job_id: str, message: str, level: str) -> None:
+        conn.execute(
             "INSERT INTO logs (job_id, timestamp, level, message) VALUES (?, ?, ?, ?)",
             (job_id, time.time(), level, message),
         )
@@ -340,42 +418,7 @@ class SqliteJobStore:
         )
 
 
-# -- (de)serialisation -------------------------------------------------------------------------------
-
-
-def _dump_request(request: GenerationRequest | None) -> str | None:
-    return None if request is None else json.dumps(dataclasses.asdict(request))
-
-
-def _load_request(text: str | None) -> GenerationRequest | None:
-    if text is None:
-        return None
-    data: dict[str, Any] = json.loads(text)
-    if data.get("size") is not None:
-        data["size"] = tuple(data["size"])
-    return GenerationRequest(**data)
-
-
-def _dump_result(result: JobResult | None) -> str | None:
-    return None if result is None else json.dumps(dataclasses.asdict(result))
-
-
-def _dump_failure(failure: JobFailure | None) -> str | None:
-    if failure is None:
-        return None
-    data = dataclasses.asdict(failure)
-    data["kind"] = failure.kind.value
-    return json.dumps(data)
-
-
-def _load_failure(text: str | None) -> JobFailure | None:
-    if text is None:
-        return None
-    data = json.loads(text)
-    errors = tuple(
-        FieldError(tuple(e["loc"]), e["msg"], e["type"], e.get("ctx")) for e in data["field_errors"]
-    )
-    return JobFailure(FailureKind(data["kind"]), data["message"], errors)
+# -- rows --------------------------------------------------------------------------------------------
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -383,7 +426,7 @@ def _job(row: sqlite3.Row) -> Job:
         id=row["id"],
         app=row["app"],
         status=JobStatus(row["status"]),
-        request=_load_request(row["request"]),
+        request=load_request(row["request"]),
         owner=row["owner"],
         base_url=row["base_url"],
         priority=Priority(row["priority"]),
@@ -393,10 +436,13 @@ def _job(row: sqlite3.Row) -> Job:
         attempts=row["attempts"],
         cancel_requested=bool(row["cancel_requested"]),
         start_deadline=row["start_deadline"],
-        result=None if row["result"] is None else JobResult(**json.loads(row["result"])),
-        failure=_load_failure(row["failure"]),
+        result=load_result(row["result"]),
+        failure=load_failure(row["failure"]),
         webhook_url=row["webhook_url"],
         webhook_state=WebhookState(row["webhook_state"]),
         webhook_attempts=row["webhook_attempts"],
         webhook_next_at=row["webhook_next_at"],
+        worker=row["worker"],
+        lease=row["lease"],
+        lease_until=row["lease_until"],
     )

@@ -110,7 +110,7 @@ def client(server_config: ServerConfig, pipeline: FakePipeline) -> Iterator[Test
     store = SqliteJobStore(server_config.data_dir / "jobs.sqlite3")
     files = LocalFiles(server_config.data_dir / "files")
     metrics = Metrics(store)
-    worker = Worker(server_config.engine, store, files, metrics, pipeline=pipeline, poll_s=0.02)
+    worker = Worker(server_config.engine, store, files, pipeline=pipeline, poll_s=0.02)
     worker.start()
     app = build_app(server_config, store, files, metrics)
     with TestClient(app, headers=AUTH) as test_client:

@@ -163,7 +163,7 @@ def test_webhook_is_signed_retried_and_logged(client: TestClient, receiver: Rece
     payload = json.loads(body)
     assert payload["request_id"] == rid and payload["gateway_request_id"] == rid
     assert payload["status"] == "OK" and payload["payload"]["seed"] == 3
-    assert payload["payload"]["video"]["url"].endswith(f"/files/outputs/{rid}/output.mp4")
+    assert payload["payload"]["video"]["url"].endswith(f"/files/outputs/{rid}/1/output.mp4")
     assert headers["X-Fal-Webhook-User-Id"] == "test-id"
     assert abs(int(headers["X-Fal-Webhook-Timestamp"]) - time.time()) < 300
     assert verify(client.get("/.well-known/jwks.json").json(), headers, body)

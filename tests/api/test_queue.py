@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -293,9 +295,23 @@ def test_metrics_and_health(client: TestClient):
     wait_completed(client, submit(client, {"prompt": "p", "num_inference_steps": 2}))
     text = client.get("/metrics").text
     assert "ovi_queue_depth 0.0" in text and 'ovi_jobs{state="succeeded"} 1.0' in text
-    assert "ovi_denoise_step_seconds_count 2.0" in text and "ovi_request_seconds_count" in text
+    worker = client.worker.id  # type: ignore[attr-defined]
+    assert (
+        f'ovi_worker_jobs_total{{device="auto",host="{socket.gethostname()}",outcome="succeeded",worker="{worker}"}} 1.0'
+        in text
+    )
+    assert (
+        f'ovi_worker_denoise_steps_total{{device="auto",host="{socket.gethostname()}",worker="{worker}"}} 2.0'
+        in text
+    )
+    assert 'ovi_workers{state="idle"} 1.0' in text
     health = client.get("/health", headers={"Authorization": ""})
-    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.status_code == 200 and health.json() == {"status": "ok"}  # liveness only, no counts
+    detail = client.get("/health").json()
+    assert detail["queue_depth"] == 0 and detail["jobs"]["succeeded"] == 1
+    (listed,) = detail["workers"]
+    assert listed["id"] == worker and listed["state"] == "idle" and listed["job"] is None
+    assert listed["pid"] == os.getpid() and listed["last_heartbeat"] > time.time() - 60
 
 
 @pytest.mark.parametrize(("raw", "kind"), [(b"not json", "json_invalid"), (b"[1, 2]", "model_type")])

@@ -111,4 +111,4 @@ def test_a_clean_shutdown_puts_the_running_job_back_without_counting_it(tmp_path
     assert pipeline.worker.run_once()
     again = store.get(job.id)
     assert again.status is JobStatus.QUEUED and again.attempts == 0
-    assert store.logs(job.id)[-1].message == "server shutting down; queued again"
+    assert store.logs(job.id)[-1].message == "worker shutting down; queued again"
