@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -314,6 +315,12 @@ def serve(args: argparse.Namespace) -> int:
     for server in servers:
         scheme = "https" if server.config.ssl_certfile else "http"
         logger.info("listening on %s://%s:%d", scheme, config.host, server.config.port)
+    # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; with these handlers in
+    # place that re-raise is a no-op, so the workers below are stopped (drained) before the exit.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(
+            sig, lambda signum, _frame: logger.info("%s: shutting down", signal.Signals(signum).name)
+        )
     try:
         asyncio.run(_serve_all(servers))
     finally:
@@ -338,8 +345,6 @@ def check_port_free(host: str, port: int) -> None:
 
 def worker(args: argparse.Namespace) -> int:
     """One worker process: SIGTERM/SIGINT stop it cleanly; its running job goes back to the queue."""
-    import signal
-
     from ovi_server.api.app import build_files
     from ovi_server.jobs.backends import open_store
     from ovi_server.jobs.worker import Worker
@@ -416,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
+    configure_logging(
+        getattr(args, "log_level", "info"), getattr(args, "log_format", "text"), args.command != "serve"
+    )
     return args.func(args)
 
 

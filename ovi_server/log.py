@@ -25,8 +25,11 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    """Root handler on stderr, text or one JSON object per line; third-party loggers at ERROR."""
+def configure_logging(level: str = "info", fmt: str = "text", model_libraries: bool = True) -> None:
+    """Root handler on stderr, text or one JSON object per line; third-party loggers at ERROR.
+
+    `model_libraries=False` (the API process) leaves diffusers unimported: importing it loads torch.
+    """
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
@@ -37,6 +40,8 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not model_libraries:
+        return
     try:  # diffusers and transformers keep their own verbosity switch besides the logger level
         from diffusers.utils import logging as diffusers_logging
 

@@ -129,6 +129,22 @@ class LiveServer:
                 self.proc.kill()
                 self.proc.wait()
 
+    def workers(self) -> list[dict]:
+        """The worker processes the server lists in /health (with a key)."""
+        with self.client() as http:
+            return http.get("/health").json()["workers"]
+
+    def wait_for_workers(self, n: int, timeout: float = 120) -> list[dict]:
+        """Until `n` workers have loaded the model (state idle or busy)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = [w for w in self.workers() if w["state"] != "loading"]
+            if len(ready) >= n:
+                return ready
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(ready)} of {n} workers ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.2)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
 

@@ -1,11 +1,14 @@
-"""SIGKILL the live server mid-job, start it again on the same data dir: no accepted request vanishes.
+"""SIGKILL the live server and its worker mid-job (a power cut), start it again on the same data dir:
+no accepted request vanishes.
 
-Every request submitted before the kill ends COMPLETED: the one that was running is queued again and
-finishes, the queued ones run, a cancelled one stays cancelled, an invalid one keeps its 422.
+Every request submitted before the kill ends COMPLETED: the one that was running is queued again when
+its lease runs out and finishes, the queued ones run, a cancelled one stays cancelled, an invalid one
+keeps its 422.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -21,7 +24,7 @@ T2V = "/fal-ai/ovi"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    live = start_server(tmp_path_factory.mktemp("durability"))
+    live = start_server(tmp_path_factory.mktemp("durability"), "--workers", "1", "--lease-seconds", "2")
     yield live
     live.stop()
 
@@ -54,6 +57,8 @@ def test_sigkill_mid_job_then_restart(server: LiveServer):
             return any(line["message"].startswith("denoise") for line in logs)
 
         wait_for(denoising, 60, "the first job never started denoising")
+        (worker,) = server.workers()
+    os.kill(worker["pid"], signal.SIGKILL)  # the worker first: killed alone it would be restarted
     server.stop(signal.SIGKILL)
     interrupted = running_ids(server)
     assert len(interrupted) == 1, "expected the kill to land while a job ran"
