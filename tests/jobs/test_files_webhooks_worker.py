@@ -112,3 +112,21 @@ def test_a_clean_shutdown_puts_the_running_job_back_without_counting_it(tmp_path
     again = store.get(job.id)
     assert again.status is JobStatus.QUEUED and again.attempts == 0
     assert store.logs(job.id)[-1].message == "worker shutting down; queued again"
+
+
+def test_a_result_that_cannot_be_stored_is_retried_then_the_job_goes_back(tmp_path: Path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    files = LocalFiles(tmp_path / "files")
+    (tmp_path / "files" / "outputs").write_bytes(b"")  # a file where the outputs dir belongs: every put fails
+    job = store.submit(NewJob(app="fal-ai/ovi", request=GenerationRequest(prompt="p", steps=2)))
+    worker = Worker(EngineConfig(), store, files, pipeline=CountingPipeline(), retry_delays=(0.01, 0.01))
+    assert worker.run_once()
+    again = store.get(job.id)
+    assert again.status is JobStatus.QUEUED and again.attempts == 1  # back in the queue, attempt counted
+    assert store.logs(job.id)[-1].message == "the worker could not store the result; queued again"
+
+    (tmp_path / "files" / "outputs").unlink()  # storage is back
+    assert worker.run_once()
+    done = store.get(job.id)
+    assert done.status is JobStatus.SUCCEEDED and done.attempts == 2
+    assert files.local_path(done.result.file_key).read_bytes() == b"not really an mp4"

@@ -240,6 +240,7 @@ def test_200_queued_jobs_over_3_workers_none_lost_none_duplicated(tmp_path: Path
             # ... and the workers' own counters say so too (a duplicate run would add one)
             wait_for(lambda: worker_jobs_total(server, "succeeded") == 200, 30, "worker counters disagree")
             assert len(server.workers()) == 3
+        assert "shared across hosts but files are local" in server.log()  # one host here, but it says so
     finally:
         for proc in workers:
             proc.terminate()
@@ -248,11 +249,27 @@ def test_200_queued_jobs_over_3_workers_none_lost_none_duplicated(tmp_path: Path
         redis.stop()
 
 
-def start_worker(server: LiveServer, queue: str, log: Path) -> subprocess.Popen:
+def start_worker(server: LiveServer, queue: str | None, log: Path) -> subprocess.Popen:
     """`ovi-server worker` by hand, on the API's data dir (its local files) and queue."""
     cmd = [
         sys.executable, "-m", "ovi_server.cli", "worker", "--variant", "tiny", "--device", "cpu",
-        "--queue", queue, "--data-dir", str(server.data_dir),
+        "--data-dir", str(server.data_dir), *(["--queue", queue] if queue else []),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def test_a_worker_started_by_hand_joins_the_api_on_its_data_dir(tmp_path: Path):
+    server = start_server(tmp_path, "--workers", "0")  # holds the data dir's lock
+    worker = start_worker(server, None, tmp_path / "worker.log")
+    try:
+        (listed,) = server.wait_for_workers(1)
+        assert listed["pid"] == worker.pid and listed["device"] == "cpu"
+        with server.client() as http:
+            rid = http.post(T2V, json={"prompt": "p", "num_inference_steps": 2}).json()["request_id"]
+            wait_for(lambda: all_completed(http, [rid]), 120, "the hand-started worker did not run the job")
+            check_mp4(http.get(f"{T2V}/requests/{rid}").json()["video"]["url"])  # its file, served by the API
+    finally:
+        worker.terminate()
+        assert worker.wait(30) == 0  # SIGTERM: a clean stop
+        server.stop()
