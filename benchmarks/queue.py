@@ -118,6 +118,7 @@ def main() -> int:
     server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     store = open_store(ServerConfig(data_dir=tmp / "data", queue=queue_url))
+    failed = False
     try:
         with httpx.Client(base_url=base, timeout=60) as http:
 
@@ -194,6 +195,9 @@ def main() -> int:
             },
             "drain_jobs_per_s": round(args.jobs / drain_s, 2),
             "outcomes": dict(outcomes),
+            "failures": sorted(
+                {f"{j.failure.kind.value}: {j.failure.message[:200]}" for j in jobs if j.failure}
+            ),
             "jobs_per_worker": sorted(len(v) for v in by_worker.values()),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "git_sha": subprocess.run(
@@ -203,6 +207,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
         }
         print(json.dumps(report))
+        failed = bool(report["failures"])
     finally:
         server.terminate()
         server.wait(60)
@@ -210,7 +215,10 @@ def main() -> int:
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if failed:
+            print(f"kept {tmp} (server.log) for the failed requests", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

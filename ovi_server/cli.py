@@ -421,9 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(
-        getattr(args, "log_level", "info"), getattr(args, "log_format", "text"), args.command != "serve"
-    )
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     return args.func(args)
 
 

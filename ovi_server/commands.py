@@ -155,20 +155,27 @@ def image_source(value: str) -> str:
     """URLs and data URIs pass through; a local file becomes a data URI (the pipeline never opens paths)."""
     if value.startswith(("http://", "https://", "data:")):
         return value
+    from PIL import Image, UnidentifiedImageError
+
+    from ovi_server.errors import InvalidInput
+
     path = Path(value).expanduser()
     if not path.is_file():
-        from ovi_server.errors import InvalidInput
-
         raise InvalidInput("--image", f"{value}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.verify()  # the header and structure; the pipeline decodes it fully later
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise InvalidInput(
+            "--image", f"{value}: not an image we can read ({exc}); use PNG, JPEG or WebP"
+        ) from None
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from ovi_server.engine.pipeline import OviPipeline
-    from ovi_server.engine.request import GenerationRequest, Progress
+    from ovi_server.config import load_variant
+    from ovi_server.engine.request import GenerationRequest, Progress, check_request
     from ovi_server.errors import OviError
 
     started = time.monotonic()
@@ -195,6 +202,16 @@ def generate(args: argparse.Namespace) -> int:
         video_negative_prompt=args.negative_prompt,
         audio_negative_prompt=args.audio_negative_prompt,
     )
+    try:  # before anything heavy is imported or loaded: a typo costs milliseconds
+        check_request(load_variant(args.variant), request)
+    except OviError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    from ovi_server.engine.pipeline import OviPipeline
+
     bars: dict[str, tqdm] = {}
 
     def on_progress(event: Progress) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 
 # Libraries whose INFO/WARNING chatter is noise for an operator (diffusers warns that attention
@@ -25,11 +27,8 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str = "info", fmt: str = "text", model_libraries: bool = True) -> None:
-    """Root handler on stderr, text or one JSON object per line; third-party loggers at ERROR.
-
-    `model_libraries=False` (the API process) leaves diffusers unimported: importing it loads torch.
-    """
+def configure_logging(level: str = "info", fmt: str = "text") -> None:
+    """Root handler on stderr, text or one JSON object per line; third-party loggers at ERROR."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
@@ -40,11 +39,12 @@ def configure_logging(level: str = "info", fmt: str = "text", model_libraries: b
     root.setLevel(level.upper())
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
-    if not model_libraries:
-        return
-    try:  # diffusers and transformers keep their own verbosity switch besides the logger level
+    # diffusers and transformers reset their loggers' level when first imported, to these variables'
+    # values; setting them instead of importing diffusers here keeps torch out of processes that never
+    # load a model (the API server, `generate` refusing bad input).
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    if "diffusers" in sys.modules:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()
-    except ImportError:
-        pass

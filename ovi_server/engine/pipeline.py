@@ -38,6 +38,7 @@ from ovi_server.engine.request import (
     GenerationRequest,
     Progress,
     ProgressCallback,
+    check_request,
     ignore_progress,
 )
 from ovi_server.engine.sampler import (
@@ -49,8 +50,7 @@ from ovi_server.engine.sampler import (
     initial_noise,
     make_plan,
 )
-from ovi_server.engine.solvers import SOLVERS
-from ovi_server.errors import ConfigError, InvalidInput, WeightsError
+from ovi_server.errors import ConfigError, WeightsError
 from ovi_server.media.audio_vae import AudioDecoder, load_audio_decoder, random_audio_decoder
 from ovi_server.media.images import load_first_frame
 from ovi_server.media.mux import write_mp4
@@ -220,26 +220,15 @@ class OviPipeline:
     def resolve(self, request: GenerationRequest) -> ResolvedRequest:
         """Validates the request and fills in the variant's defaults; raises InvalidInput."""
         defaults = self.cfg.sampling
+        check_request(self.cfg, request)
         for warning in validate_prompt(request.prompt).warnings:
             logger.warning("prompt: %s", warning)
         steps = defaults.steps if request.steps is None else request.steps
-        if not 1 <= steps <= 1000:
-            raise InvalidInput("steps", f"must be between 1 and 1000, got {steps}")
         solver = request.solver or defaults.solver
-        if solver not in SOLVERS:
-            raise InvalidInput("solver", f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
         slg_layer = defaults.slg_layer if request.slg_layer is None else request.slg_layer
-        if not 0 <= slg_layer < self.cfg.video.num_layers:
-            raise InvalidInput(
-                "slg_layer", f"must be 0 (off) or a block index below {self.cfg.video.num_layers}"
-            )
         seed = secrets.randbelow(MAX_RANDOM_SEED + 1) if request.seed is None else request.seed
-        if not 0 <= seed <= 2**63 - 1:
-            raise InvalidInput("seed", f"must be between 0 and {2**63 - 1}, got {seed}")
         side = round(math.sqrt(self.cfg.video_area))
         size = request.size or (side, side)
-        if min(size) < 1:
-            raise InvalidInput("size", f"width and height must be positive, got {size}")
         return ResolvedRequest(
             prompt=format_prompt(request.prompt, self.cfg.prompt_style),
             image=request.image,
