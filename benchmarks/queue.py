@@ -9,7 +9,9 @@ unix socket). Three measurements:
 - submits/s: POST `--jobs` requests from `--clients` threads while the workers drain them;
 - backlog pick-up: from those jobs, the gap between a worker storing one job and claiming its next
   (`started_at` of its next job minus `finished_at` of its previous one), i.e. the claim overhead
-  under load; and the drain rate.
+  under load; and the drain rate;
+- recovery after SIGKILL: a 50-step request, its worker killed mid-run; seconds from the kill until
+  another worker has claimed it again (bounded by the lease, `--lease-seconds`, plus a third of it).
 
     python -m benchmarks.queue --queue sqlite --workers 4 --jobs 1000
     python -m benchmarks.queue --queue redis --workers 4 --jobs 1000
@@ -24,6 +26,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -101,6 +104,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1000, help="requests queued for the backlog part")
     parser.add_argument("--idle-jobs", type=int, default=50, help="one-at-a-time requests for idle pick-up")
     parser.add_argument("--clients", type=int, default=8, help="submitting threads")
+    parser.add_argument("--lease-seconds", type=float, default=30.0)
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="ovi-bench-queue-"))
@@ -112,7 +116,7 @@ def main() -> int:
     cmd = [
         sys.executable, "-m", "ovi_server.cli", "serve", "--variant", "tiny", "--device", "cpu",
         "--port", str(port), "--data-dir", str(tmp / "data"), "--workers", str(args.workers),
-        "--log-level", "warning",
+        "--log-level", "warning", "--lease-seconds", str(args.lease_seconds),
     ] + (["--queue", queue_url] if queue_url else [])  # fmt: skip
     log = (tmp / "server.log").open("wb")
     server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -162,6 +166,19 @@ def main() -> int:
             wait(lambda: finished_count(store) == args.idle_jobs + args.jobs, 3600, "backlog drained")
             drain_s = time.perf_counter() - started
 
+            # 4. recovery: SIGKILL the worker of a running request
+            body = {**BODY, "num_inference_steps": 50}
+            rid = http.post("/fal-ai/ovi", json=body).json()["request_id"]
+            wait(lambda: store.get(rid).status.value == "running", 120, "long job started")
+            victim = store.get(rid)
+            pid = next(w["pid"] for w in http.get("/health").json()["workers"] if w["id"] == victim.worker)
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.time()
+            wait(lambda: store.get(rid).attempts == 2, 600, "killed job re-claimed")
+            recovery_s = store.get(rid).started_at - killed_at
+            wait(lambda: store.get(rid).status.finished, 600, "killed job finished")
+            recovered = store.get(rid).status.value
+
         # 3. backlog pick-up: per worker, the gap from storing one job to claiming the next
         jobs = [store.get(i) for i in ids]
         by_worker: dict[str, list[Job]] = defaultdict(list)
@@ -194,6 +211,9 @@ def main() -> int:
                 "p99": round(percentile(gaps, 99) * 1000, 1),
             },
             "drain_jobs_per_s": round(args.jobs / drain_s, 2),
+            "lease_s": args.lease_seconds,
+            "recovery_after_sigkill_s": round(recovery_s, 2),
+            "recovered_job": recovered,
             "outcomes": dict(outcomes),
             "failures": sorted(
                 {f"{j.failure.kind.value}: {j.failure.message[:200]}" for j in jobs if j.failure}
