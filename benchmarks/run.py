@@ -31,10 +31,10 @@ import torch
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.device import resolve_placement
 from ovi_server.engine.pipeline import OviPipeline
-from ovi_server.engine.request import GenerationRequest, Progress
 from ovi_server.engine.sampler import Conditioning, Latents, denoise, initial_noise, make_plan
 from ovi_server.errors import OviError
 from ovi_server.models.fusion import build_fusion, load_fusion
+from ovi_server.request import GenerationRequest, Progress
 from ovi_server.shapes import GenerationShape, t2v_shape
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -175,8 +175,8 @@ def image_source(value: str) -> str:
 
 def generate(args: argparse.Namespace) -> int:
     from ovi_server.config import load_variant
-    from ovi_server.engine.request import GenerationRequest, Progress, check_request
     from ovi_server.errors import OviError
+    from ovi_server.request import GenerationRequest, Progress, check_request
 
     started = time.monotonic()
     try:

@@ -24,7 +24,6 @@ from ovi_server import outbound
 from ovi_server.api import limits, schemas
 from ovi_server.api.auth import require_key, require_key_or_token
 from ovi_server.api.errors import FalError, Unauthorized, is_request_id
-from ovi_server.engine.request import GenerationRequest
 from ovi_server.errors import JobNotFound
 from ovi_server.jobs.store import (
     Job,
@@ -34,6 +33,7 @@ from ovi_server.jobs.store import (
     NewJob,
     Priority,
 )
+from ovi_server.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ovi_server.engine.request import GenerationRequest
 from ovi_server.errors import InvalidInput
 from ovi_server.jobs.store import FailureKind, FieldError, Job, JobFailure, JobStatus, LogLine
 from ovi_server.prompt import MAX_PROMPT_CHARS, validate_prompt
+from ovi_server.request import GenerationRequest
 
 TEXT_TO_VIDEO = "fal-ai/ovi"
 IMAGE_TO_VIDEO = "fal-ai/ovi/image-to-video"

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from ovi_server.errors import ConfigError
+from ovi_server.placement import CPU_FP32, Placement
+
+__all__ = ["CPU_FP32", "Placement", "resolve_placement"]  # Placement lives in ovi_server/placement.py
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Placement:
-    device: torch.device
-    dtype: torch.dtype  # bf16 on GPU, fp32 on CPU and in tests
-    offload: Literal["none", "model", "block"] = "none"
-    attention: str = "native"  # a diffusers attention backend name; checked at start-up
-    fp8_storage: bool = False  # keep Linear weights as float8_e4m3fn, upcast per layer (low-VRAM mode)
-
-
-CPU_FP32 = Placement(torch.device("cpu"), torch.float32)
 
 _DTYPES = {
     "float32": torch.float32,

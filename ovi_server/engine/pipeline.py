@@ -32,7 +32,7 @@ from ovi_server.engine.parallel import (
     start_followers,
 )
 from ovi_server.engine.preview import preview_png
-from ovi_server.engine.request import (
+from ovi_server.request import (
     MAX_RANDOM_SEED,
     Clip,
     GenerationRequest,

@@ -19,8 +19,8 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
-from ovi_server.engine.request import SOLVERS  # one list of solver names, torch-free (the CLI checks early)
 from ovi_server.engine.schedule import NUM_TRAIN_TIMESTEPS, model_timesteps, ovi_sigmas, unshifted_sigmas
+from ovi_server.request import SOLVERS  # one list of solver names, torch-free (the CLI checks early)
 
 SolverName = Literal["unipc", "dpm++", "euler"]
 

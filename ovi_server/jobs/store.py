@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ovi_server.engine.request import GenerationRequest
+from ovi_server.request import GenerationRequest
 
 
 class JobStatus(enum.StrEnum):

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Protocol
 
 from ovi_server.config import EngineConfig
-from ovi_server.engine.request import MAX_RANDOM_SEED, Clip, GenerationRequest, Progress, ProgressCallback
 from ovi_server.errors import Cancelled, InvalidInput
 from ovi_server.jobs.files import FileStore
 from ovi_server.jobs.store import (
@@ -41,6 +40,7 @@ from ovi_server.jobs.store import (
     WorkerInfo,
     WorkerState,
 )
+from ovi_server.request import MAX_RANDOM_SEED, Clip, GenerationRequest, Progress, ProgressCallback
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovi_server.config import AudioVAEConfig, VocoderConfig
-from ovi_server.engine.device import Placement
 from ovi_server.media.vocoder import BigVGAN, load_vocoder, random_vocoder
 from ovi_server.models.loading import check_keys, load_module, meta_device, read_state_dict
+from ovi_server.placement import Placement
 
 logger = logging.getLogger(__name__)
 

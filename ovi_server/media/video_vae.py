@@ -24,7 +24,6 @@ from diffusers import AutoencoderKLWan
 from torch import Tensor, nn
 
 from ovi_server.config import VideoVAEConfig
-from ovi_server.engine.device import Placement
 from ovi_server.errors import ConfigError
 from ovi_server.models.loading import (
     check_keys,
@@ -34,6 +33,7 @@ from ovi_server.models.loading import (
     read_state_dict,
     rename_key,
 )
+from ovi_server.placement import Placement
 
 logger = logging.getLogger(__name__)
 

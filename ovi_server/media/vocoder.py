@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovi_server.config import VocoderConfig
-from ovi_server.engine.device import Placement
 from ovi_server.errors import ConfigError
 from ovi_server.models.loading import check_keys, load_module, meta_device, read_state_dict
+from ovi_server.placement import Placement
 
 logger = logging.getLogger(__name__)
 

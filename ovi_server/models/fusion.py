@@ -22,9 +22,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
 
 from ovi_server.config import DiTConfig, dit_config
-from ovi_server.engine.device import Placement
 from ovi_server.models.loading import load_checkpoint, meta_device
 from ovi_server.models.wan_dit import Tokens, WanDiT
+from ovi_server.placement import Placement
 
 # Called after each executed fusion block with (index, video tokens, audio tokens); golden checks use it.
 BlockObserver = Callable[[int, Tokens, Tokens], None]

@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from ovi_server.engine.device import Placement
 from ovi_server.errors import WeightsError
+from ovi_server.placement import Placement
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from ovi_server.config import T5Config
-from ovi_server.engine.device import Placement
 from ovi_server.errors import WeightsError
 from ovi_server.models.loading import (
     check_keys,
@@ -36,6 +35,7 @@ from ovi_server.models.loading import (
     read_state_dict,
     rename_key,
 )
+from ovi_server.placement import Placement
 
 logger = logging.getLogger(__name__)
 

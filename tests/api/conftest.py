@@ -19,12 +19,12 @@ from fastapi.testclient import TestClient
 
 from ovi_server.api.app import build_app
 from ovi_server.config import ServerConfig
-from ovi_server.engine.request import Clip, GenerationRequest, Progress, ProgressCallback
 from ovi_server.errors import InvalidInput
 from ovi_server.jobs.files import LocalFiles
 from ovi_server.jobs.metrics import Metrics
 from ovi_server.jobs.sqlite import SqliteJobStore
 from ovi_server.jobs.worker import Worker
+from ovi_server.request import Clip, GenerationRequest, Progress, ProgressCallback
 
 KEY = "test-id:test-secret"
 AUTH = {"Authorization": f"Key {KEY}"}

@@ -10,12 +10,12 @@ import httpx
 import pytest
 
 from ovi_server.config import EngineConfig
-from ovi_server.engine.request import Clip, GenerationRequest, Progress, ProgressCallback
 from ovi_server.jobs.files import LocalFiles
 from ovi_server.jobs.sqlite import SqliteJobStore
 from ovi_server.jobs.store import JobResult, JobStatus, NewJob, WebhookState
 from ovi_server.jobs.webhooks import WebhookSender, WebhookSigner
 from ovi_server.jobs.worker import Worker, random_seed
+from ovi_server.request import Clip, GenerationRequest, Progress, ProgressCallback
 
 
 def test_uploads_are_one_time_and_keys_cannot_escape(tmp_path: Path):

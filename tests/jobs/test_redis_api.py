@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 
 from ovi_server.api.app import build_app
 from ovi_server.config import EngineConfig, ServerConfig
-from ovi_server.engine.request import GenerationRequest
 from ovi_server.jobs.files import LocalFiles
 from ovi_server.jobs.redis import RedisJobStore
 from ovi_server.jobs.store import JobResult, NewJob
 from ovi_server.jobs.worker import Worker
+from ovi_server.request import GenerationRequest
 
 from .test_files_webhooks_worker import CountingPipeline
 

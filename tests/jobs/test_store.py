@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import pytest
 
-from ovi_server.engine.request import GenerationRequest
 from ovi_server.errors import JobNotFound
 from ovi_server.jobs.store import (
     FailureKind,
@@ -27,6 +26,7 @@ from ovi_server.jobs.store import (
     WorkerInfo,
     WorkerState,
 )
+from ovi_server.request import GenerationRequest
 
 from .conftest import StoreFactory
 
