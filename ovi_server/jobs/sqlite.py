@@ -184,13 +184,26 @@ class SqliteJobStore:
         return int(row[0])
 
     def claim_next(self, worker_id: str = "", block_s: float = 0.0) -> Job | None:
-        # SQLite has no blocking read: poll every `poll_s` (50 ms) until `block_s` has passed.
+        # SQLite has no blocking read: poll every `poll_s` (50 ms) until `block_s` has passed, with a
+        # read-only look first, so that idle workers do not queue up for the write lock.
         deadline = time.monotonic() + block_s
         while True:
-            job = self._claim(worker_id)
+            job = self._claim(worker_id) if self._anything_to_claim() else None
             if job is not None or time.monotonic() >= deadline:
                 return job
             time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+
+    def _anything_to_claim(self) -> bool:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued') OR EXISTS (SELECT 1 FROM jobs"
+                " WHERE status = 'running' AND (lease_until IS NULL OR lease_until < ?))",
+                (time.time(),),
+            )
+            .fetchone()
+        )
+        return bool(row[0])
 
     def _claim(self, worker_id: str) -> Job | None:
         now = time.time()
