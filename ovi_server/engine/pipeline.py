@@ -32,15 +32,6 @@ from ovi_server.engine.parallel import (
     start_followers,
 )
 from ovi_server.engine.preview import preview_png
-from ovi_server.request import (
-    MAX_RANDOM_SEED,
-    Clip,
-    GenerationRequest,
-    Progress,
-    ProgressCallback,
-    check_request,
-    ignore_progress,
-)
 from ovi_server.engine.sampler import (
     Conditioning,
     Guidance,
@@ -59,6 +50,15 @@ from ovi_server.models.fusion import OviFusion, build_fusion, load_fusion
 from ovi_server.models.loading import init_random_
 from ovi_server.models.t5 import TextEncoder, load_text_encoder, random_text_encoder
 from ovi_server.prompt import format_prompt, validate_prompt
+from ovi_server.request import (
+    MAX_RANDOM_SEED,
+    Clip,
+    GenerationRequest,
+    Progress,
+    ProgressCallback,
+    check_request,
+    ignore_progress,
+)
 from ovi_server.shapes import area_warning, generation_shape, size_note, t2v_shape
 
 logger = logging.getLogger(__name__)

@@ -4,6 +4,7 @@ Layout (every key starts with `prefix`, default "ovi"):
     {p}:queue:normal, {p}:queue:low   streams, one entry {"job": id} per submit; consumer group "workers"
     {p}:job:{id}                      hash: the job record (the same fields as the SQLite row; "" is None)
     {p}:logs:{id}                     list of JSON [timestamp, level, message]; a line's seq is its index + 1
+    {p}:preview:{id}                  the latest live preview PNG (bytes)
     {p}:queued                        sorted set of queued ids, score priority·2^40 + submit seq (positions)
     {p}:status:{status}               set of ids per status (counts)
     {p}:finished                      sorted set of finished ids by finish time (retention)
@@ -113,7 +114,7 @@ else
   redis.call('ZADD', p .. ':finished', now, id)
   if fields['webhook_state'] == 'pending' then redis.call('ZADD', p .. ':webhooks', now, id) end
 end
-return 1
+return redis.call('HGETALL', key)  -- the job as submitted: a worker may claim it before a second read
 """
 
 # ARGV: prefix, id, worker, lease, lease_until, now, attempts, max_attempts, timeout failure, interrupted failure
@@ -224,7 +225,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', p .. ':finished', '-inf', ARGV[2
   local status, webhook = unpack(redis.call('HMGET', key, 'status', 'webhook_state'))
   if webhook ~= 'pending' then
     if status then redis.call('SREM', p .. ':status:' .. status, id) end
-    redis.call('DEL', key, p .. ':logs:' .. id)
+    redis.call('DEL', key, p .. ':logs:' .. id, p .. ':preview:' .. id)
     redis.call('ZREM', p .. ':finished', id)
     n = n + 1
   end
@@ -244,6 +245,7 @@ class RedisJobStore:
     ):
         self.url, self.lease_s, self.max_attempts, self.prefix = url, lease_s, max_attempts, prefix
         self.redis = client if client is not None else redis.Redis.from_url(url, decode_responses=True)
+        self._bytes = redis.Redis.from_url(url)  # previews are PNG bytes, not text
         self.streams = {priority: f"{prefix}:queue:{name}" for priority, name in STREAMS.items()}
         for stream in self.streams.values():
             try:
@@ -280,6 +282,7 @@ class RedisJobStore:
 
     def close(self) -> None:
         self.redis.close()
+        self._bytes.close()
 
     # -- queue -------------------------------------------------------------------------------------
 
@@ -306,8 +309,8 @@ class RedisJobStore:
             "webhook_attempts": 0,
             "cancel_requested": 0,
         }
-        self._run("submit", job_id, json.dumps(fields), self.streams[new.priority], now)
-        return self.get(job_id)
+        flat = self._run("submit", job_id, json.dumps(fields), self.streams[new.priority], now)
+        return _job(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def get(self, job_id: str) -> Job:
         row = self.redis.hgetall(self._key(job_id))
@@ -484,6 +487,15 @@ class RedisJobStore:
     def logs(self, job_id: str, after_seq: int = 0) -> list[LogLine]:
         lines = self.redis.lrange(f"{self.prefix}:logs:{job_id}", after_seq, -1)
         return [LogLine(after_seq + i + 1, *json.loads(line)) for i, line in enumerate(lines)]
+
+    def put_preview(self, job_id: str, png: bytes) -> None:
+        self._bytes.set(f"{self.prefix}:preview:{job_id}", png)
+
+    def preview(self, job_id: str) -> bytes | None:
+        png = self._bytes.get(f"{self.prefix}:preview:{job_id}")
+        if png is None:
+            self.get(job_id)  # JobNotFound for an unknown id
+        return png
 
     def counts(self) -> dict[JobStatus, int]:
         with self.redis.pipeline(transaction=False) as pipe:

@@ -131,28 +131,33 @@ class SqliteJobStore:
         job_id = str(uuid.uuid4())
         status = JobStatus.QUEUED if new.failure is None else JobStatus.FAILED
         webhook = WebhookState.PENDING if new.webhook_url else WebhookState.NONE
-        self._conn().execute(
-            "INSERT INTO jobs (id, app, status, request, owner, base_url, priority, created_at, finished_at,"
-            " start_deadline, failure, webhook_url, webhook_state, webhook_next_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                job_id,
-                new.app,
-                status.value,
-                dump_request(new.request),
-                new.owner,
-                new.base_url,
-                int(new.priority),
-                now,
-                now if new.failure else None,
-                new.start_deadline,
-                dump_failure(new.failure),
-                new.webhook_url,
-                webhook.value,
-                now if new.webhook_url else None,
-            ),
+        row = (
+            self._conn()
+            .execute(
+                "INSERT INTO jobs (id, app, status, request, owner, base_url, priority, created_at, finished_at,"
+                " start_deadline, failure, webhook_url, webhook_state, webhook_next_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (
+                    job_id,
+                    new.app,
+                    status.value,
+                    dump_request(new.request),
+                    new.owner,
+                    new.base_url,
+                    int(new.priority),
+                    now,
+                    now if new.failure else None,
+                    new.start_deadline,
+                    dump_failure(new.failure),
+                    new.webhook_url,
+                    webhook.value,
+                    now if new.webhook_url else None,
+                ),
+            )
+            .fetchone()
         )
-        return self.get(job_id)
+        # the row as inserted: a worker may claim it before a second read would run
+        return _job(row)
 
     def get(self, job_id: str) -> Job:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -69,6 +69,7 @@ def worker_argv(config: ServerConfig, device: str, log_level: str, log_format: s
         "--data-dir", str(config.data_dir), "--queue", config.queue or f"sqlite:///{config.data_dir / 'jobs.sqlite3'}",
         "--lease-seconds", str(config.lease_s), "--max-attempts", str(config.max_attempts),
         "--storage", config.storage, "--log-level", log_level, "--log-format", log_format,
+        "--previews", str(engine.preview_every),
     ]  # fmt: skip
     if engine.weights_dir is not None:
         argv += ["--weights", str(engine.weights_dir)]

@@ -240,7 +240,7 @@ def test_retention_forgets_old_finished_jobs_but_not_pending_webhooks(store: Job
     assert store.logs(old.id) == [] and store.get(hooked.id) and store.get(waiting.id)
 
 
-def test_preview_keeps_the_latest_png_per_job_and_goes_with_retention(store: SqliteJobStore):
+def test_preview_keeps_the_latest_png_per_job_and_goes_with_retention(store: JobStore):
     job, other = store.submit(new()), store.submit(new())
     assert store.preview(job.id) is None
     store.put_preview(job.id, b"\x89PNG first")
@@ -252,5 +252,4 @@ def test_preview_keeps_the_latest_png_per_job_and_goes_with_retention(store: Sql
     store.succeed(job.id, JobResult("k", 1, 1, 0.1))
     assert store.delete_finished_before(time.time() + 1) == 1
     with pytest.raises(JobNotFound):
-        store.preview(job.id)
-    assert store._conn().execute("SELECT COUNT(*) FROM previews").fetchone()[0] == 0
+        store.preview(job.id)  # the preview went with the job (a kept preview would still be returned)
