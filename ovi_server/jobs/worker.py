@@ -122,6 +122,7 @@ class Worker:
         self._heart = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         self._heart.start()
         try:
+            self._beat()  # listed as "loading" from the start, not only after the first interval
             if self.pipeline is None:
                 started = time.perf_counter()
                 logger.info(
