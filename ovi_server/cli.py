@@ -27,7 +27,7 @@ from ovi_server.commands import (
     env_option,
     flag_from_env,
 )
-from ovi_server.config import ServerConfig
+from ovi_server.config import ServerConfig, default_data_dir
 from ovi_server.log import configure_logging
 
 logger = logging.getLogger("ovi_server.cli")
@@ -194,10 +194,8 @@ def previews_every(text: str) -> int:
 
 
 def build_server_config(args: argparse.Namespace) -> ServerConfig:
-    import platformdirs
-
     engine = replace(engine_config(args), preview_every=args.previews)
-    data_dir = Path(args.data_dir or platformdirs.user_data_dir("ovi-server"))
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     queue_side = {
         "engine": engine,
         "data_dir": data_dir,

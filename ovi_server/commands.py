@@ -11,7 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from ovi_server.config import EngineConfig
+from ovi_server.config import EngineConfig, SamplingDefaults
+from ovi_server.request import SOLVERS
+from ovi_server.shapes import DEFAULT_RESOLUTION, FAL_RESOLUTIONS
+
+SAMPLING = SamplingDefaults()  # the help shows the defaults the variants' configs start from
 
 DEFAULT_WEIGHTS_DIR = "weights"
 
@@ -127,15 +131,17 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="first frame (image-to-video): a file path, an http(s) URL or a data: URI")
     p.add_argument(
         "--resolution",
-        default="992x512",
-        help="WIDTHxHEIGHT, snapped to the variant's area (fal's: 512x992, 992x512, 960x512, 512x960, "
-        "720x720, 448x1120, 1120x448) (default 992x512; ignored with --image)",
+        default=DEFAULT_RESOLUTION,
+        help=f"WIDTHxHEIGHT, snapped to the variant's area (fal's: {', '.join(FAL_RESOLUTIONS)}) "
+        f"(default {DEFAULT_RESOLUTION}; ignored with --image)",
     )
-    p.add_argument("--steps", type=int, help="denoising steps (default: the variant's, 50; tiny: 4)")
+    p.add_argument(
+        "--steps", type=int, help=f"denoising steps (default: the variant's, {SAMPLING.steps}; tiny: 4)"
+    )
     p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
-    p.add_argument("--solver", choices=["unipc", "dpm++", "euler"], help="default unipc")
-    p.add_argument("--video-guidance", type=float, help="default 4.0")
-    p.add_argument("--audio-guidance", type=float, help="default 3.0")
+    p.add_argument("--solver", choices=SOLVERS, help=f"default {SAMPLING.solver}")
+    p.add_argument("--video-guidance", type=float, help=f"default {SAMPLING.video_guidance_scale}")
+    p.add_argument("--audio-guidance", type=float, help=f"default {SAMPLING.audio_guidance_scale}")
     p.add_argument("--negative-prompt", help="video negative prompt")
     p.add_argument("--audio-negative-prompt", help="audio negative prompt")
     add_model_options(p)
@@ -147,7 +153,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
 def parse_size(text: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not match:
-        raise argparse.ArgumentTypeError(f"--resolution {text!r}: expected WIDTHxHEIGHT, e.g. 992x512")
+        raise argparse.ArgumentTypeError(
+            f"--resolution {text!r}: expected WIDTHxHEIGHT, e.g. {DEFAULT_RESOLUTION}"
+        )
     return int(match.group(1)), int(match.group(2))
 
 

@@ -265,6 +265,13 @@ class EngineConfig:
     cfg_parallel: bool = False
 
 
+def default_data_dir() -> Path:
+    """The user data dir (`~/.local/share/ovi-server` on Linux): where a server keeps its state by default."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("ovi-server"))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """`ovi-server serve`: built once by cli.py (defaults → env → flags) and handed to build_app/Worker."""
@@ -274,7 +281,7 @@ class ServerConfig:
     port: int = 8000
     # None: absolute URLs (status_url, video.url, ...) follow each request's Host / X-Forwarded-* headers.
     public_url: str | None = None
-    data_dir: Path = Path("ovi-data")  # jobs.sqlite3, files/, webhook signing key
+    data_dir: Path = field(default_factory=default_data_dir)  # jobs.sqlite3, files/, webhook signing key
     # "id:secret" pairs (or bare keys). Empty: open, which cli.py only allows on loopback or with no_auth.
     # Secrets: kept out of repr (the start-up log prints the config).
     api_keys: tuple[str, ...] = field(default=(), repr=False)
