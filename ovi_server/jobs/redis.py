@@ -7,6 +7,7 @@ Layout (every key starts with `prefix`, default "ovi"):
     {p}:preview:{id}                  the latest live preview PNG (bytes)
     {p}:queued                        sorted set of queued ids, score priority·2^40 + submit seq (positions)
     {p}:status:{status}               set of ids per status (counts)
+    {p}:active:{owner}                set of an owner's queued and running ids (the per-key quota)
     {p}:finished                      sorted set of finished ids by finish time (retention)
     {p}:webhooks                      sorted set of ids whose webhook is pending, by when it is due
     {p}:workers                       hash: worker id → WorkerInfo JSON (heartbeats)
@@ -68,8 +69,9 @@ _LUA_FINISH = """
 local p = ARGV[1]
 local function finish(id, status, result, failure, now)
   local key = p .. ':job:' .. id
-  local old = redis.call('HGET', key, 'status')
+  local old, owner = unpack(redis.call('HMGET', key, 'status', 'owner'))
   redis.call('SREM', p .. ':status:' .. old, id)
+  redis.call('SREM', p .. ':active:' .. owner, id)
   redis.call('SADD', p .. ':status:' .. status, id)
   redis.call('HSET', key, 'status', status, 'finished_at', now, 'result', result, 'failure', failure,
              'lease', '', 'lease_until', '')
@@ -107,6 +109,7 @@ for k, v in pairs(fields) do redis.call('HSET', key, k, v) end
 redis.call('HSET', key, 'score', score)
 redis.call('SADD', p .. ':status:' .. fields['status'], id)
 if fields['status'] == 'queued' then
+  redis.call('SADD', p .. ':active:' .. fields['owner'], id)
   redis.call('ZADD', p .. ':queued', score, id)
   local entry = redis.call('XADD', stream, '*', 'job', id)
   redis.call('HSET', key, 'stream', stream, 'entry', entry)
@@ -317,6 +320,9 @@ class RedisJobStore:
         if not row:
             raise JobNotFound(f"no request with id {job_id!r}")
         return _job(row)
+
+    def active_count(self, owner: str) -> int:
+        return int(self.redis.scard(f"{self.prefix}:active:{owner}"))
 
     def queue_position(self, job_id: str) -> int:
         rank = self.redis.zrank(f"{self.prefix}:queued", job_id)

@@ -253,3 +253,18 @@ def test_preview_keeps_the_latest_png_per_job_and_goes_with_retention(store: Job
     assert store.delete_finished_before(time.time() + 1) == 1
     with pytest.raises(JobNotFound):
         store.preview(job.id)  # the preview went with the job (a kept preview would still be returned)
+
+
+def test_active_count_is_an_owners_queued_and_running_jobs(store: JobStore):
+    mine = [store.submit(new(owner="alice")) for _ in range(3)]
+    store.submit(new(owner="bob"))
+    failure = JobFailure(FailureKind.INVALID_INPUT, "x: bad", (FieldError(("body", "x"), "bad"),))
+    store.submit(NewJob(app="fal-ai/ovi", request=None, owner="alice", failure=failure))  # finished at once
+    assert (
+        store.active_count("alice") == 3 and store.active_count("bob") == 1 and store.active_count("eve") == 0
+    )
+    running = store.claim_next("w")
+    assert running.id == mine[0].id and store.active_count("alice") == 3  # running still counts
+    store.succeed(running.id, JobResult("k", 1, 1, 0.1), running.lease)
+    store.request_cancel(mine[1].id)
+    assert store.active_count("alice") == 1
