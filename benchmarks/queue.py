@@ -117,6 +117,7 @@ def main() -> int:
         sys.executable, "-m", "ovi_server.cli", "serve", "--variant", "tiny", "--device", "cpu",
         "--port", str(port), "--data-dir", str(tmp / "data"), "--workers", str(args.workers),
         "--log-level", "warning", "--lease-seconds", str(args.lease_seconds),
+        "--max-queued-per-key", str(args.jobs + args.idle_jobs + 10),
     ] + (["--queue", queue_url] if queue_url else [])  # fmt: skip
     log = (tmp / "server.log").open("wb")
     server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

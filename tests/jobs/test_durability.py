@@ -67,7 +67,8 @@ def test_sigkill_mid_job_then_restart(server: LiveServer):
     assert len(leftovers) == 1, list((server.data_dir / "tmp").iterdir())
 
     server.start()
-    assert not leftovers[0].exists()  # ... until the next worker starts: swept
+    # ... until the next worker process starts (after the API: `serve` starts its workers beside it)
+    wait_for(lambda: not leftovers[0].exists(), 120, "the new worker did not sweep the scratch directory")
     with server.client() as http:
 
         def status(rid: str) -> dict:

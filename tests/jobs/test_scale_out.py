@@ -222,7 +222,7 @@ def test_sigterm_drains_the_workers_and_the_job_runs_after_a_restart(tmp_path: P
 def test_200_queued_jobs_over_3_workers_none_lost_none_duplicated(tmp_path: Path):
     redis = RedisServer(tmp_path / "redis")
     # API only: queue everything first, then start the workers, so that all three drain one backlog.
-    server = start_server(tmp_path, "--workers", "0", "--queue", redis.url)
+    server = start_server(tmp_path, "--workers", "0", "--queue", redis.url, "--max-queued-per-key", "1000")
     workers: list = []
     try:
         with server.client() as http:
