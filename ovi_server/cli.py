@@ -275,7 +275,7 @@ def serve(args: argparse.Namespace) -> int:
     from ovi_server.api.app import build_app, build_files
     from ovi_server.jobs.backends import open_store
     from ovi_server.jobs.metrics import Metrics
-    from ovi_server.jobs.supervisor import Supervisor, worker_argv, worker_devices
+    from ovi_server.jobs.supervisor import Supervisor, worker_argv, worker_slots
 
     config = build_server_config(args)
     check_auth(config)
@@ -292,11 +292,17 @@ def serve(args: argparse.Namespace) -> int:
     store = open_store(config)
     warn_if_files_not_shared(config)
     files = build_files(config)
-    devices = worker_devices(config)
-    supervisor = Supervisor([worker_argv(config, d, args.log_level, args.log_format) for d in devices])
-    logger.info(
-        "%d worker process(es)%s", len(devices), f" on {', '.join(devices)}" if devices else ": API only"
+    slots = worker_slots(config)
+    supervisor = Supervisor(
+        [worker_argv(config, slot.device, args.log_level, args.log_format) for slot in slots],
+        child_env=[
+            {"CUDA_VISIBLE_DEVICES": slot.visible_gpus} if slot.visible_gpus else {} for slot in slots
+        ],
     )
+    where = ", ".join(
+        slot.device + (f" (GPUs {slot.visible_gpus})" if slot.visible_gpus else "") for slot in slots
+    )
+    logger.info("%d worker process(es)%s", len(slots), f" on {where}" if slots else ": API only")
     supervisor.start()
     app = build_app(config, store, files, Metrics(store))
 

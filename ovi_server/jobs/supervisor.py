@@ -59,6 +59,35 @@ def worker_devices(config: ServerConfig, count_cuda: Callable[[], int] = visible
     return [f"cuda:{i % gpus}" for i in range(n)]
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Where one worker runs: its --device, and the GPUs it sees (CUDA_VISIBLE_DEVICES; None: inherited)."""
+
+    device: str
+    visible_gpus: str | None = None
+
+
+def worker_slots(
+    config: ServerConfig, count_cuda: Callable[[], int] = visible_cuda_devices
+) -> list[WorkerSlot]:
+    """One slot per worker. A worker whose requests run on several GPUs (--sp N, --cfg-parallel: rank r
+    uses cuda:r) gets its own block of that many GPUs, as CUDA_VISIBLE_DEVICES; by default as many such
+    workers as the visible GPUs hold, at least one."""
+    engine = config.engine
+    world = engine.sp * (2 if engine.cfg_parallel else 1)
+    if world == 1:
+        return [WorkerSlot(d) for d in worker_devices(config, count_cuda)]
+    gpus = count_cuda() if engine.device in ("auto", "cuda") else 0
+    n = (max(1, gpus // world) if gpus else 1) if config.workers is None else config.workers
+    if gpus == 0:  # the CPU (gloo ranks), or an explicit device: the ranks place themselves
+        return [WorkerSlot("cpu" if engine.device == "auto" else engine.device)] * n
+    if gpus < world:  # not enough GPUs for one request: the worker says so at start-up (check_spec)
+        return [WorkerSlot("cuda")] * n
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i.strip() for i in listed.split(",")][:gpus] if listed else [str(i) for i in range(gpus)]
+    return [WorkerSlot("cuda", ",".join(ids[(w * world + r) % gpus] for r in range(world))) for w in range(n)]
+
+
 def worker_argv(config: ServerConfig, device: str, log_level: str, log_format: str) -> list[str]:
     """The `ovi-server worker` command line that runs one worker with this server's settings."""
     engine = config.engine
@@ -69,8 +98,10 @@ def worker_argv(config: ServerConfig, device: str, log_level: str, log_format: s
         "--data-dir", str(config.data_dir), "--queue", config.queue or f"sqlite:///{config.data_dir / 'jobs.sqlite3'}",
         "--lease-seconds", str(config.lease_s), "--max-attempts", str(config.max_attempts),
         "--storage", config.storage, "--log-level", log_level, "--log-format", log_format,
-        "--previews", str(engine.preview_every),
+        "--previews", str(engine.preview_every), "--sp", str(engine.sp),
     ]  # fmt: skip
+    if engine.cfg_parallel:
+        argv.append("--cfg-parallel")
     if engine.weights_dir is not None:
         argv += ["--weights", str(engine.weights_dir)]
     if engine.fp8:
@@ -107,13 +138,23 @@ class _Child:
 class Supervisor:
     """Keeps one process per argv running until `stop()`."""
 
-    def __init__(self, argvs: list[list[str]], env: dict[str, str] | None = None, poll_s: float = 0.2):
+    def __init__(
+        self,
+        argvs: list[list[str]],
+        env: dict[str, str] | None = None,
+        poll_s: float = 0.2,
+        child_env: list[dict[str, str]] | None = None,
+    ):
+        """`child_env`: per worker, variables on top of `env` (e.g. its CUDA_VISIBLE_DEVICES)."""
         base = dict(os.environ if env is None else env)
         cpu_workers = sum("cpu" in a[a.index("--device") + 1] for a in argvs if "--device" in a)
         if cpu_workers > 1 and "OMP_NUM_THREADS" not in base:
             # Several CPU workers on one host: share the cores instead of each taking all of them.
             base["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
-        self.children = [_Child(i, argv, base) for i, argv in enumerate(argvs)]
+        extra = child_env or [{} for _ in argvs]
+        self.children = [
+            _Child(i, argv, {**base, **more}) for i, (argv, more) in enumerate(zip(argvs, extra, strict=True))
+        ]
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._lock = threading.Lock()

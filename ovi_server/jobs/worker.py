@@ -147,6 +147,9 @@ class Worker:
                 self.store.remove_worker(self.id)
             except Exception:  # noqa: BLE001 -- best effort: /health forgets silent workers anyway
                 logger.warning("worker %s: could not remove itself from the store", self.id)
+            close = getattr(self.pipeline, "close", None)  # a parallel pipeline lets its other ranks exit
+            if close is not None:
+                close()
             logger.info("worker %s stopped", self.id)
 
     def run_once(self, block_s: float = 0.0) -> bool:

@@ -11,7 +11,7 @@ import pytest
 
 from ovi_server.cli import build_parser, build_server_config, main
 from ovi_server.config import EngineConfig, ServerConfig
-from ovi_server.jobs.supervisor import Supervisor, worker_argv, worker_devices
+from ovi_server.jobs.supervisor import Supervisor, WorkerSlot, worker_argv, worker_devices, worker_slots
 
 
 def devices(workers: int | None, device: str = "auto", gpus: int = 0) -> list[str]:
@@ -26,6 +26,22 @@ def test_one_worker_per_gpu_by_default_and_one_without_a_gpu():
     assert devices(3, gpus=2) == ["cuda:0", "cuda:1", "cuda:0"]  # round-robin
     assert devices(2, device="cpu", gpus=8) == ["cpu", "cpu"]
     assert devices(None, device="cuda:3", gpus=8) == ["cuda:3"]
+
+
+def test_a_sequence_parallel_worker_gets_its_own_block_of_gpus(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def slots(workers: int | None, sp: int, cfg: bool, gpus: int) -> list[WorkerSlot]:
+        config = ServerConfig(engine=EngineConfig(sp=sp, cfg_parallel=cfg), workers=workers)
+        return worker_slots(config, count_cuda=lambda: gpus)
+
+    assert slots(None, 2, False, 8) == [WorkerSlot("cuda", f"{2 * i},{2 * i + 1}") for i in range(4)]
+    assert slots(None, 2, True, 8) == [WorkerSlot("cuda", "0,1,2,3"), WorkerSlot("cuda", "4,5,6,7")]
+    assert slots(None, 4, True, 4) == [WorkerSlot("cuda")]  # too few GPUs: the worker's start-up says so
+    assert slots(None, 2, False, 0) == [WorkerSlot("cpu")]
+    assert slots(None, 1, False, 2) == [WorkerSlot("cuda:0"), WorkerSlot("cuda:1")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    assert slots(None, 2, False, 4) == [WorkerSlot("cuda", "3,5"), WorkerSlot("cuda", "6,7")]
 
 
 def test_a_worker_command_line_carries_the_server_settings(tmp_path: Path):
