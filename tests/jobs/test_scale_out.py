@@ -65,8 +65,8 @@ def all_completed(http: httpx.Client, ids: list[str]) -> bool:
 def freeze_busy_worker(server: LiveServer, timeout: float = 60) -> tuple[int, str]:
     """SIGSTOP a worker in the middle of denoising; (pid, request id).
 
-    Its last heartbeat names its job, and its job's last log line says where it is: "denoise k/n" with
-    k < n means it will call back at least once more before its job ends (the n/n line is always
+    Its last heartbeat names its job, and its job's last log line says where it is: "denoise k/n" (or the
+    live preview's "preview k/n", written every few steps) with k < n means it will call back at least once more before its job ends (the n/n line is always
     written), so a stop request or a lost lease is seen before the job could finish.
     """
     deadline = time.monotonic() + timeout
@@ -78,7 +78,9 @@ def freeze_busy_worker(server: LiveServer, timeout: float = 60) -> tuple[int, st
                 os.kill(worker["pid"], signal.SIGSTOP)
                 (now,) = [w for w in server.workers() if w["id"] == worker["id"]]
                 if now["state"] == "busy":
-                    done = re.fullmatch(r"denoise (\d+)/(\d+)", (messages(http, now["job"]) or [""])[-1])
+                    done = re.fullmatch(
+                        r"(?:denoise|preview) (\d+)/(\d+)", (messages(http, now["job"]) or [""])[-1]
+                    )
                     if done and int(done[1]) < int(done[2]):
                         return now["pid"], now["job"]
                 os.kill(worker["pid"], signal.SIGCONT)  # not mid-denoise: try again
