@@ -77,7 +77,7 @@ def add_runtime_options(parser) -> None:
         parser,
         "--vae-tiling",
         "OVI_VAE_TILING",
-        "tiled video VAE decode: auto (when offloading or above the 720x720 area), on, off",
+        "tiled video VAE decode: auto (only when an untiled decode would not fit in free GPU memory), on, off",
         "auto",
         choices=["auto", "on", "off"],
     )

@@ -253,8 +253,8 @@ class EngineConfig:
     offload: Literal["none", "model", "block"] = "none"
     fp8: bool = False  # load the fp8 checkpoint and keep Linear weights in fp8 (low-VRAM mode)
     compile: bool = False  # torch.compile the fusion blocks
-    # Spatially tiled VAE decode: bounded memory, not bit-exact at tile seams. "auto": on when models
-    # are offloaded (low-memory mode) or frames are larger than the 720x720 area.
+    # Spatially tiled VAE decode: bounded memory, not bit-exact at tile seams. "auto": only when an
+    # estimate of the untiled decode exceeds the device's free memory (never on the CPU).
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     # Live previews (serve): a PNG of the video latents every this many denoising steps and at the last
     # one, stored for GET .../requests/{id}/preview; 0: off.

@@ -52,3 +52,24 @@ def resolve_placement(
         )
         offload = "none"
     return Placement(dev, dt, offload, attention, fp8_storage)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (what the caching allocator holds counts as free); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def total_memory(device: torch.device) -> int | None:
+    """Total bytes of a CUDA device; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the queued kernels of `device` (of that device, not the current one); no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

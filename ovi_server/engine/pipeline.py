@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
-from ovi_server.engine.device import Placement, resolve_placement
+from ovi_server.engine.device import Placement, free_memory, resolve_placement, synchronize
 from ovi_server.engine.parallel import (
     DenoiseJob,
     ParallelGroup,
@@ -44,8 +44,8 @@ from ovi_server.engine.sampler import (
 from ovi_server.errors import ConfigError, WeightsError
 from ovi_server.media.audio_vae import AudioDecoder, load_audio_decoder, random_audio_decoder
 from ovi_server.media.images import load_first_frame
-from ovi_server.media.mux import write_mp4
-from ovi_server.media.video_vae import VideoVAE, load_video_vae, random_video_vae
+from ovi_server.media.mux import video_to_uint8, write_mp4
+from ovi_server.media.video_vae import VideoVAE, load_video_vae, plan_tiling, random_video_vae
 from ovi_server.models.fusion import OviFusion, build_fusion, load_fusion
 from ovi_server.models.loading import init_random_
 from ovi_server.models.t5 import TextEncoder, load_text_encoder, random_text_encoder
@@ -64,10 +64,6 @@ from ovi_server.shapes import area_warning, generation_shape, size_note, t2v_sha
 logger = logging.getLogger(__name__)
 
 TEXT_CACHE_SIZE = 64  # prompts whose text contexts are kept ([L, 4096] each, at most 4 MB in bf16)
-# Frames larger than this decode tile by tile unless told otherwise (EngineConfig.vae_tiling).
-TILING_AREA = int(
-    720 * 720 * 1.1
-)  # fal and the reference take any int; torch seeds are 64-bit, we keep it printable
 
 
 @dataclass(frozen=True)
@@ -97,9 +93,11 @@ class OviPipeline:
         audio_decoder: AudioDecoder,
         visitors: frozenset[str] = frozenset(),
         parallel: ParallelGroup | None = None,
+        vae_tiling: str = "auto",
     ):
         self.parallel = parallel  # the ranks this request runs on (rank 0 here); None: this process alone
         self.cfg, self.placement = cfg, placement
+        self.vae_tiling = vae_tiling  # "auto": tiled only when an untiled decode would not fit (plan_tiling)
         self.visitors = visitors  # names of the models that live in host memory between their stages
         self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
         self._sizes_warned: set[tuple[int, int]] = set()  # the area warning is given once per size
@@ -172,10 +170,6 @@ class OviPipeline:
                 )
         if not leader:
             text_encoder = video_vae = audio_decoder = None  # type: ignore[assignment]
-        elif engine.vae_tiling == "on" or (
-            engine.vae_tiling == "auto" and (placement.offload != "none" or cfg.video_area > TILING_AREA)
-        ):
-            video_vae.set_tiling(True)
         try:  # the backend is checked here, at start-up, never inside a block
             fusion.set_attention_backend(placement.attention)
         except (ValueError, RuntimeError, ImportError) as exc:
@@ -207,7 +201,17 @@ class OviPipeline:
             placement.offload,
             time.monotonic() - started,
         )
-        return cls(cfg, placement, fusion, text_encoder, video_vae, audio_decoder, visitors, parallel)
+        return cls(
+            cfg,
+            placement,
+            fusion,
+            text_encoder,
+            video_vae,
+            audio_decoder,
+            visitors,
+            parallel,
+            engine.vae_tiling,
+        )
 
     def close(self) -> None:
         """Lets the other ranks of a parallel pipeline exit; nothing to do for a single process."""
@@ -280,7 +284,7 @@ class OviPipeline:
                 on_progress(Progress("encode_image", 0, 1))
                 # request input: URLs and data URIs only (the CLI turns a path into a data URI)
                 first_frame = load_first_frame(
-                    req.image, cfg.video_area, allow_paths=False
+                    req.image, cfg.video_area, allow_paths=False, device=device, dtype=dtype
                 )  # [1, 3, 1, H, W]
                 with self._on_device("video_vae") as video_vae:
                     image_latent = video_vae.encode(first_frame)[0].to(device, dtype)  # [48, 1, h, w]
@@ -337,7 +341,9 @@ class OviPipeline:
         with _timed(device, timings, "decode"):
             on_progress(Progress("decode", 0, 2))
             with self._on_device("video_vae") as video_vae:
-                video = video_vae.decode(latents.video[None])[0]  # [3, T, H, W] in [-1, 1]
+                self._plan_tiling(video_vae, tuple(latents.video[None].shape))
+                # [3, T, H, W] float32 in [-1, 1] -> uint8 on the device: 4x less to copy to the host
+                video = video_to_uint8(video_vae.decode(latents.video[None])[0]).cpu()
             on_progress(Progress("decode", 1, 2))
             with self._on_device("audio_decoder") as audio_decoder:
                 waveform = audio_decoder.decode(latents.audio.T[None])[0]  # [N] at 16 kHz
@@ -347,7 +353,7 @@ class OviPipeline:
             on_progress(Progress("mux", 0, 1))
             path = write_mp4(
                 out_path,
-                video.float().cpu(),
+                video,
                 waveform.float().cpu(),
                 fps=cfg.fps,
                 sample_rate=self.audio_decoder.sample_rate,
@@ -375,12 +381,27 @@ class OviPipeline:
             with self._on_device("text_encoder") as text_encoder:
                 encoded = text_encoder.encode(missing)
             for prompt, context in zip(missing, encoded, strict=True):
-                self._text_cache[prompt] = context.to(self.placement.device, self.placement.dtype)
+                # a copy: the encoder's output is a view of the whole padded batch, which it would keep alive
+                self._text_cache[prompt] = context.to(self.placement.device, self.placement.dtype, copy=True)
         for prompt in prompts:
             self._text_cache.move_to_end(prompt)
         while len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
         return [self._text_cache[p] for p in prompts]
+
+    def _plan_tiling(self, video_vae: VideoVAE, latent_shape: tuple[int, ...]) -> None:
+        """Tiles the decode only when told to, or (auto) when an untiled one would not fit; logs why."""
+        if self.vae_tiling != "auto":
+            video_vae.set_tiling(self.vae_tiling == "on")
+            logger.info(
+                "video decode %s (--vae-tiling %s)",
+                "tiled" if self.vae_tiling == "on" else "untiled",
+                self.vae_tiling,
+            )
+            return
+        plan = plan_tiling(latent_shape, self.cfg.video_vae, free_memory(self.placement.device))
+        video_vae.set_tiling(plan.tiled)
+        logger.info("video decode %s", plan.describe())
 
     @contextmanager
     def _on_device(self, name: str) -> Iterator[nn.Module]:
@@ -432,11 +453,10 @@ def _denoise_progress(on_progress: ProgressCallback) -> StepCallback:
 @contextmanager
 def _timed(device: torch.device, timings: dict[str, float], stage: str) -> Iterator[None]:
     """Seconds spent in a stage, with the device synchronised so queued kernels are counted."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    synchronize(device)
     started = time.perf_counter()
     try:
         yield
     finally:
-        sync()
+        synchronize(device)
         timings[stage] = time.perf_counter() - started

@@ -42,6 +42,8 @@ def load_first_frame(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     allow_paths: bool = True,
     policy: URLPolicy | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """The i2v first frame from an http(s) URL, a `data:` URI or (with `allow_paths`) a local file.
 
@@ -52,14 +54,16 @@ def load_first_frame(
             data: URIs at the edge (api/schemas.py); pass False wherever `source` is untrusted and
             unchecked, since a path lets the caller read any image file the server can.
         policy: which hosts http(s) URLs may reach (default: public addresses only; outbound.py).
+        device, dtype: where and in which precision the frame is scaled and resized (the compute
+            dtype: see `image_to_first_frame`).
     Returns:
-        [1, 3, 1, H, W] float32, [-1, 1] up to bicubic overshoot, H and W multiples of 32.
+        [1, 3, 1, H, W] in `dtype`, [-1, 1] up to bicubic overshoot, H and W multiples of 32.
     """
     data = read_image_bytes(
         source, max_bytes=max_bytes, timeout_s=timeout_s, allow_paths=allow_paths, policy=policy
     )
     image = decode_image(data, max_pixels=max_pixels, label=_describe(source))
-    return image_to_first_frame(image, area)
+    return image_to_first_frame(image, area, device=device, dtype=dtype)
 
 
 def read_image_bytes(
@@ -115,12 +119,21 @@ def decode_image(data: bytes, *, max_pixels: int, label: str = "the image") -> I
     return _to_rgb(image)
 
 
-def image_to_first_frame(image: Image.Image | np.ndarray | Tensor, area: int) -> Tensor:
-    """Reference `preprocess_image_tensor` on an RGB image: -> [1, 3, 1, H, W] float32 in [-1, 1].
+def image_to_first_frame(
+    image: Image.Image | np.ndarray | Tensor,
+    area: int,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Reference `preprocess_image_tensor` on an RGB image: -> [1, 3, 1, H, W] `dtype` in [-1, 1].
 
     Args:
         image: PIL RGB image, or uint8 [H, W, 3] array or tensor.
         area: target pixel area; (H, W) is `best_hw_for_area(h, w, area)`.
+        device, dtype: the reference moves the [0, 1] float32 frame to the device in its compute
+            dtype (bf16 on a GPU) *before* scaling to [-1, 1] and the bicubic resize, so both round
+            in that dtype; we do the same.
     """
     if isinstance(image, Image.Image):
         pixels = torch.from_numpy(np.asarray(_to_rgb(image), dtype=np.uint8).copy())
@@ -129,7 +142,7 @@ def image_to_first_frame(image: Image.Image | np.ndarray | Tensor, area: int) ->
     if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected uint8 [H, W, 3], got {pixels.dtype} {tuple(pixels.shape)}")
     # [1, 3, h, w]; the same float steps as the reference: /255, then *2 - 1.
-    frame = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    frame = (pixels.permute(2, 0, 1).unsqueeze(0).float() / 255.0).to(device, dtype)
     frame = frame * 2.0 - 1.0
     h, w = frame.shape[2], frame.shape[3]
     target_h, target_w = best_hw_for_area(h, w, area)

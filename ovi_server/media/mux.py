@@ -130,9 +130,14 @@ def _frames_thwc_uint8(video: Tensor | np.ndarray, layout: Layout) -> np.ndarray
     if array.dtype != torch.uint8:
         if not array.is_floating_point():
             raise ValueError(f"video must be uint8 or float in [-1, 1], got {array.dtype}")
-        # The reference's mapping (io_utils.save_video): truncation, not rounding.
-        array = ((array.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
+        array = video_to_uint8(array)
     return np.ascontiguousarray(array.numpy())
+
+
+def video_to_uint8(video: Tensor) -> Tensor:
+    """Float frames in [-1, 1] -> uint8 on the same device, clamped, mapped as the reference's
+    io_utils.save_video does: uint8((x + 1) / 2 * 255), truncating rather than rounding."""
+    return ((video.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
 
 
 def _fit_audio(audio: Tensor | np.ndarray, num_frames: int, fps: int, sample_rate: int) -> np.ndarray:

@@ -6,17 +6,27 @@ official `Wan2.2_VAE.pth` and are renamed by `remap_official` at the end of this
 does not do is the per-channel latent normalisation: the reference keeps 48 means and standard
 deviations in its wrapper (not in the checkpoint), so they live here as data.
 
+Precision: the reference stores the VAE in bf16 but runs encode and decode under a float32
+autocast on CUDA (`Wan2_2_VAE(dtype=torch.float)` wraps every call in `amp.autocast(dtype=self.dtype)`),
+so its convolutions compute in float32 on bf16-rounded weights, from float32 latents. We do the same
+without autocast: weights are materialised in the placement dtype (the reference's rounding) and
+then held in float32 (exact), inputs enter in float32, and `decode` returns float32 as the
+reference's `.float()` does. It costs 1.3 GB of weights instead of 0.65 GB.
+
 Memory: both directions already run causally chunk by chunk in time (1 + 4 + 4 ... frames in,
 one latent frame at a time out), so long clips cost little more than short ones. Large frames are
 the problem; `tiling=True` (or `set_tiling`) turns on diffusers' spatial tiling: 256 px tiles with
 a 64 px blended overlap. It changes the numbers slightly (seams are blended, not computed
-jointly), so it is off by default and off in the golden check.
+jointly), and the reference never tiles, so the pipeline tiles only when `plan_tiling` says an
+untiled decode of the shape would not fit in the device's free memory.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,8 +105,8 @@ def build_autoencoder(config: VideoVAEConfig) -> AutoencoderKLWan:
 
 
 class VideoVAE(nn.Module):
-    """encode: video [B, 3, T, H, W] in [-1, 1] -> normalised latent [B, 48, 1 + (T-1)/4, H/16, W/16];
-    decode: the reverse, clamped to [-1, 1]. Both return the placement dtype."""
+    """encode: video [B, 3, T, H, W] in [-1, 1] -> normalised latent [B, 48, 1 + (T-1)/4, H/16, W/16]
+    in the placement dtype; decode: the reverse, clamped to [-1, 1], in float32 (see the module doc)."""
 
     def __init__(
         self,
@@ -106,7 +116,10 @@ class VideoVAE(nn.Module):
         tiling: bool = False,
     ):
         super().__init__()
-        self.autoencoder = autoencoder
+        # float32 compute on weights rounded to the placement dtype: the reference's float32 autocast
+        # around a bf16 VAE (module docstring). The upcast is exact.
+        # (nn.Module.to, not ModelMixin.to, which warns about float32 islands this model does not have)
+        self.autoencoder = nn.Module.to(autoencoder, dtype=torch.float32)
         self.config = config
         self.placement = placement
         # float32 whatever the weights: the reference normalises in float32 too.
@@ -143,18 +156,53 @@ class VideoVAE(nn.Module):
     @torch.no_grad()
     def posterior_mean(self, video: Tensor) -> Tensor:
         """The encoder's raw mu [B, 48, Tl, h, w], before normalisation (the log-variance is discarded)."""
-        weight_dtype = next(self.autoencoder.parameters()).dtype
-        return self.autoencoder.encode(video.to(self._device, weight_dtype)).latent_dist.mean
+        return self.autoencoder.encode(video.to(self._device, torch.float32)).latent_dist.mean
 
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:
-        """latent [B, 48, Tl, h, w] (normalised) -> video [B, 3, 1 + 4(Tl-1), 16h, 16w] in [-1, 1]."""
-        weight_dtype = next(self.autoencoder.parameters()).dtype
+        """latent [B, 48, Tl, h, w] (normalised) -> video [B, 3, 1 + 4(Tl-1), 16h, 16w] float32 in [-1, 1]."""
         z = (
             latent.to(self._device, torch.float32) / self.latents_inv_std + self.latents_mean
         )  # [B, 48, Tl, h, w]
-        video = self.autoencoder.decode(z.to(weight_dtype)).sample  # diffusers clamps to [-1, 1]
-        return video.to(self.placement.dtype)
+        return self.autoencoder.decode(z).sample  # diffusers clamps to [-1, 1]
+
+
+# Working memory of an untiled float32 decode per output pixel of one frame (H x W), measured on the CPU
+# with the Wan2.2 decoder (random weights, 5-frame clips, growth of peak RSS from 128x128 to 256x256:
+# 480 -> 1440 MiB, i.e. 20.5 KB per pixel): the decoder holds one 4-frame chunk of 256-channel float32
+# activations at full resolution plus its causal caches, whatever the clip's length.
+DECODE_BYTES_PER_PIXEL = 20_500
+# Headroom for what the CPU measurement cannot see: the CUDA caching allocator's fragmentation and
+# cuDNN workspaces. To be checked against torch.cuda.max_memory_allocated by benchmarks.acceptance.
+DECODE_MEMORY_MARGIN = 1.5
+
+
+@dataclass(frozen=True)
+class TilingPlan:
+    tiled: bool
+    estimate_bytes: int  # untiled decode's working memory plus its float32 output
+    free_bytes: int | None  # None: not a CUDA device (host memory is not the limit we plan for)
+
+    def describe(self) -> str:
+        free = "n/a" if self.free_bytes is None else f"{self.free_bytes / 2**30:.1f} GiB"
+        how = "tiled" if self.tiled else "untiled"
+        return f"{how} (untiled estimate {self.estimate_bytes / 2**30:.1f} GiB, free {free})"
+
+
+def decode_memory_estimate(latent_shape: tuple[int, ...], config: VideoVAEConfig) -> int:
+    """Bytes an untiled decode of a latent [B, 48, Tl, h, w] (or [48, Tl, h, w]) needs on the device."""
+    *batch, _, latent_frames, h, w = latent_shape
+    temporal, spatial = compression(config)
+    pixels = h * spatial * w * spatial
+    frames = 1 + temporal * (latent_frames - 1)
+    output = 3 * frames * pixels * 4 * math.prod(batch)
+    return int(DECODE_BYTES_PER_PIXEL * pixels * DECODE_MEMORY_MARGIN * math.prod(batch)) + output
+
+
+def plan_tiling(latent_shape: tuple[int, ...], config: VideoVAEConfig, free_bytes: int | None) -> TilingPlan:
+    """Untiled (as the reference decodes) unless the estimate of an untiled decode exceeds `free_bytes`."""
+    estimate = decode_memory_estimate(latent_shape, config)
+    return TilingPlan(free_bytes is not None and estimate > free_bytes, estimate, free_bytes)
 
 
 def official_keys(config: VideoVAEConfig) -> set[str]:

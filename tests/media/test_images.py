@@ -13,6 +13,7 @@ from urllib.parse import quote_from_bytes
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import GOLDEN_DIR
 from PIL import Image
 from safetensors.torch import load_file
@@ -108,6 +109,19 @@ def test_first_frame_matches_reference_preprocessing():
     frame = load_first_frame(_data_uri(_png(Image.fromarray(image.numpy()))), AREA)
     assert frame.shape == (1, 3, 1, 64, 96) and frame.dtype == torch.float32
     torch.testing.assert_close(frame, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_first_frame_in_bf16_is_rounded_before_scaling_and_resizing():
+    """With a bf16 compute dtype the reference converts the [0, 1] frame to bf16 first, then scales and
+    resizes in bf16; converting the finished float32 frame instead gives different values."""
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    frame = image_to_first_frame(pixels, AREA, dtype=torch.bfloat16)
+    assert frame.dtype == torch.bfloat16 and frame.shape == (1, 3, 1, 64, 96)
+    unit = (pixels.permute(2, 0, 1)[None].float() / 255.0).to(torch.bfloat16)
+    expected = F.interpolate(unit * 2.0 - 1.0, size=(64, 96), mode="bicubic", align_corners=False)
+    assert torch.equal(frame[:, :, 0], expected)
+    late = image_to_first_frame(pixels, AREA).to(torch.bfloat16)  # float32 all the way, rounded at the end
+    assert not torch.equal(frame, late)
 
 
 def test_loads_from_http_url(server):

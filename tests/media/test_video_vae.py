@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import GOLDEN_DIR, golden_cases
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ovi_server.config import VideoVAEConfig, load_variant
-from ovi_server.engine.device import CPU_FP32
+from ovi_server.engine.device import CPU_FP32, Placement
 from ovi_server.errors import WeightsError
 from ovi_server.golden.cases import GoldenCase
 from ovi_server.golden.run_wan_vae import video_vae_config
@@ -16,9 +19,11 @@ from ovi_server.media.video_vae import (
     LATENTS_MEAN,
     LATENTS_STD,
     build_autoencoder,
+    decode_memory_estimate,
     load_video_vae,
     official_keys,
     official_name,
+    plan_tiling,
     random_video_vae,
     remap_official,
 )
@@ -119,3 +124,40 @@ def test_official_names_round_trip(config: VideoVAEConfig) -> None:
 def test_official_names_are_the_checkpoint_keys() -> None:
     config = video_vae_config(golden_cases("wan_vae")[0].config)
     assert official_keys(config) == set(load_file(str(TINY_WEIGHTS)))
+
+
+def test_bf16_placement_computes_in_float32_on_bf16_rounded_weights() -> None:
+    """The reference's bf16 VAE under a float32 autocast: float32 arithmetic on bf16-rounded weights,
+    float32 video out. A bf16 decode would differ from that by far more than float32 rounding."""
+    config = VideoVAEConfig(dim=4, dec_dim=8)
+    bf16 = Placement(torch.device("cpu"), torch.bfloat16)
+    vae = random_video_vae(config, bf16, seed=1)
+    weights = list(vae.autoencoder.parameters())
+    assert all(p.dtype == torch.float32 for p in weights)
+    assert all(torch.equal(p, p.bfloat16().float()) for p in weights)  # the bf16 rounding is kept
+    latent = torch.randn(1, 48, 2, 2, 2, generator=torch.Generator().manual_seed(0)).bfloat16()
+    video = vae.decode(latent)
+    assert video.dtype == torch.float32
+    # the same computation by hand in float32 ...
+    z = latent.float() / vae.latents_inv_std + vae.latents_mean
+    torch.testing.assert_close(video, vae.autoencoder.decode(z).sample, atol=0, rtol=0)
+    assert vae.encode(video).dtype == torch.bfloat16  # latents enter the DiT in the compute dtype
+    # ... and what a bf16 decode would give: visibly different
+    in_bf16 = nn.Module.to(copy.deepcopy(vae.autoencoder), dtype=torch.bfloat16)
+    assert (in_bf16.decode(z.bfloat16()).sample.float() - video).abs().max() > 1e-3
+
+
+def test_tiling_plan_decodes_untiled_when_the_estimate_fits() -> None:
+    config = VideoVAEConfig()
+    latent_704x1280 = (1, 48, 31, 44, 80)  # 720x720_5s at 704x1280, 121 frames
+    estimate = decode_memory_estimate(latent_704x1280, config)
+    # 20.5 KB x 1.5 per pixel (27.7 GB) plus the 1.3 GB float32 video
+    assert 25e9 < estimate < 33e9
+    assert not plan_tiling(latent_704x1280, config, free_bytes=50 * 2**30).tiled  # an 80 GB card
+    tight = plan_tiling(latent_704x1280, config, free_bytes=20 * 2**30)  # a 24 GB card
+    assert tight.tiled and tight.estimate_bytes == estimate
+    assert "tiled (untiled estimate" in tight.describe()
+    assert not plan_tiling(latent_704x1280, config, free_bytes=None).tiled  # CPU: never tiles
+    # twice the pixels needs about twice the memory, a longer clip only its larger output
+    assert decode_memory_estimate((1, 48, 31, 88, 80), config) > 1.9 * estimate
+    assert decode_memory_estimate((1, 48, 61, 44, 80), config) < 1.1 * estimate
