@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
+from ovi_server.engine.compiling import check_compile, compile_blocks
 from ovi_server.engine.device import Placement, free_memory, resolve_placement, synchronize
 from ovi_server.engine.parallel import (
     DenoiseJob,
@@ -113,6 +114,8 @@ class OviPipeline:
         ranks, which load only the fusion model (`parallel` is their group) and follow its requests.
         """
         cfg = load_variant(engine.variant)
+        if engine.compile:
+            check_compile(engine.fp8)
         placement = resolve_placement(
             engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8
         )
@@ -190,7 +193,7 @@ class OviPipeline:
                 use_stream=True,
             )
         if engine.compile:
-            fusion.compile_repeated_blocks(dynamic=False)
+            compile_blocks(fusion)
         logger.info("%s", size_note(cfg.name, cfg.video_area))
         logger.info(
             "pipeline %s ready on %s (%s, attention %s, offload %s) in %.1fs",

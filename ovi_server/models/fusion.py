@@ -152,13 +152,16 @@ def load_fusion(
     """Loads `Ovi/model*.safetensors` (bf16, or fp8 e4m3fn) strictly into a meta-built model.
 
     fp8 tensors are upcast to the placement dtype, unless `keep_fp8`: then the Linear/Conv weights that
-    diffusers' layerwise casting handles stay fp8 in memory and are upcast one layer at a time.
+    the file stores in fp8 stay fp8 in memory and are upcast one layer at a time (models/fp8.py);
+    biases and norms keep the file's dtype (bf16 in the official fp8 file).
     """
     model = build_fusion(video, audio)
-    kept = layerwise_cast_params(model) if keep_fp8 else False
+    kept = {n for n in layerwise_cast_params(model) if n.endswith(".weight")} if keep_fp8 else False
     load_checkpoint(model, path, placement, what="fusion model", keep_fp8=kept)
     if keep_fp8:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=placement.dtype)
+        from ovi_server.models.fp8 import apply_fp8_weights
+
+        apply_fp8_weights(model, placement.dtype)
     return model
 
 
