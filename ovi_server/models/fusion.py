@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 from diffusers.hooks.context_parallel import ContextParallelInput, ContextParallelOutput
