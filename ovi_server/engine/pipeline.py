@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.compiling import check_compile, compile_blocks
-from ovi_server.engine.device import Placement, free_memory, resolve_placement, synchronize
+from ovi_server.engine.device import (
+    Placement,
+    free_memory,
+    resolve_placement,
+    synchronize,
+    total_memory,
+)
+from ovi_server.engine.offload import BlockStreamer, HostWeights
 from ovi_server.engine.parallel import (
     DenoiseJob,
     ParallelGroup,
@@ -46,7 +53,13 @@ from ovi_server.errors import ConfigError, WeightsError
 from ovi_server.media.audio_vae import AudioDecoder, load_audio_decoder, random_audio_decoder
 from ovi_server.media.images import load_first_frame
 from ovi_server.media.mux import video_to_uint8, write_mp4
-from ovi_server.media.video_vae import VideoVAE, load_video_vae, plan_tiling, random_video_vae
+from ovi_server.media.video_vae import (
+    VideoVAE,
+    decode_memory_estimate,
+    load_video_vae,
+    plan_tiling,
+    random_video_vae,
+)
 from ovi_server.models.fusion import OviFusion, build_fusion, load_fusion
 from ovi_server.models.loading import init_random_
 from ovi_server.models.t5 import TextEncoder, load_text_encoder, random_text_encoder
@@ -99,11 +112,18 @@ class OviPipeline:
         self.parallel = parallel  # the ranks this request runs on (rank 0 here); None: this process alone
         self.cfg, self.placement = cfg, placement
         self.vae_tiling = vae_tiling  # "auto": tiled only when an untiled decode would not fit (plan_tiling)
-        self.visitors = visitors  # names of the models that live in host memory between their stages
         self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
         self._sizes_warned: set[tuple[int, int]] = set()  # the area warning is given once per size
         self.fusion, self.text_encoder = fusion, text_encoder
         self.video_vae, self.audio_decoder = video_vae, audio_decoder
+        self.visitors = visitors  # names of the models that live in host memory between their stages
+        # their weights, mastered in (pinned) host memory: a visit copies them in, leaving drops the copy
+        pin = placement.device.type == "cuda"
+        self._host_weights = {
+            name: HostWeights([getattr(self, name)], pin)
+            for name in sorted(visitors)
+            if getattr(self, name) is not None  # the ranks of a parallel group other than 0 only denoise
+        }
 
     # ------------------------------------------------------------------------------------------ load
     @classmethod
@@ -182,16 +202,12 @@ class OviPipeline:
         if parallel is not None:
             parallel.apply(fusion)  # sequence parallelism: after the backend is set, before compile
         if placement.offload == "block":
-            from diffusers.hooks import apply_group_offloading
-
-            apply_group_offloading(
-                fusion,
-                onload_device=placement.device,
-                offload_device=torch.device("cpu"),
-                offload_type="block_level",
-                num_blocks_per_group=1,
-                use_stream=True,
-            )
+            BlockStreamer(fusion, placement.device)
+        if leader and "text_encoder" in visitors and placement.offload == "none":
+            models = (fusion, text_encoder, video_vae, audio_decoder)
+            if text_encoder_fits(cfg, sum(map(module_bytes, models)), total_memory(placement.device)):
+                text_encoder.to(placement.device)
+                visitors = visitors - {"text_encoder"}
         if engine.compile:
             compile_blocks(fusion)
         logger.info("%s", size_note(cfg.name, cfg.video_area))
@@ -413,13 +429,12 @@ class OviPipeline:
         if name not in self.visitors:
             yield module
             return
-        module.to(self.placement.device)
+        weights = self._host_weights[name]
+        weights.onload(self.placement.device)
         try:
             yield module
         finally:
-            module.to("cpu")
-            if self.placement.device.type == "cuda":
-                torch.cuda.empty_cache()
+            weights.offload()
 
 
 def _follow(group: ParallelGroup, engine: EngineConfig) -> None:
@@ -429,11 +444,11 @@ def _follow(group: ParallelGroup, engine: EngineConfig) -> None:
 
 
 def visiting_modules(placement: Placement) -> frozenset[str]:
-    """Models kept in host memory that visit the device only for their stage.
+    """Models loaded into host memory that visit the device only for their stage.
 
-    "model" offload: all four. "block": all but the fusion model, which diffusers' group offloading
-    streams block by block. On a GPU without offloading, the text encoder (umt5-xxl, 11 GB in bf16)
-    still leaves the GPU once the prompts are encoded, so the fusion model and the VAEs fit in 32 GB.
+    "model" offload: all four. "block": all but the fusion model, which `BlockStreamer` streams block
+    by block. On a GPU without offloading, the text encoder (umt5-xxl, 10.6 GiB in bf16) starts in
+    host memory too; `from_config` moves it to the GPU for good when `text_encoder_fits`.
     """
     if placement.device.type == "cpu":
         return frozenset()
@@ -451,6 +466,36 @@ def _denoise_progress(on_progress: ProgressCallback) -> StepCallback:
         on_progress(Progress("denoise", done, total, preview=lambda: preview_png(x.video)))
 
     return on_step
+
+
+# Device memory kept free for the work between the weights: the untiled video decode of the variant's
+# default frame (plan_tiling's estimate) plus this much for denoising activations, which for the full
+# model at 720x720 stay under it by the reference's 32 GB figure minus its 21.7 GiB of weights.
+DENOISE_RESERVE_BYTES = 8 * 2**30
+
+
+def text_encoder_fits(cfg: OviConfig, model_bytes: int, total_bytes: int | None) -> bool:
+    """Whether every model (the text encoder included) and the working reserve fit on the device at
+    once; then the text encoder stays there instead of visiting for every new prompt."""
+    if total_bytes is None:
+        return False
+    side = round(math.sqrt(cfg.video_area))
+    shape = t2v_shape(side, side, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
+    reserve = decode_memory_estimate(shape.video_latent_shape, cfg.video_vae) + DENOISE_RESERVE_BYTES
+    fits = model_bytes + reserve <= total_bytes
+    logger.info(
+        "text encoder %s: models %.1f GiB + reserve %.1f GiB %s %.1f GiB of device memory",
+        "stays on the device" if fits else "visits the device per new prompt, from pinned host memory",
+        model_bytes / 2**30,
+        reserve / 2**30,
+        "<=" if fits else ">",
+        total_bytes / 2**30,
+    )
+    return fits
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 @contextmanager

@@ -168,3 +168,14 @@ def test_unknown_attention_backend_fails_at_start_up():
 
     with pytest.raises(ConfigError, match="attention backend 'flashy' cannot be used here"):
         OviPipeline.from_config(EngineConfig(variant="tiny", attention="flashy"))
+
+
+def test_text_encoder_stays_on_the_device_when_everything_fits():
+    from ovi_server.config import load_variant
+    from ovi_server.engine.pipeline import text_encoder_fits
+
+    cfg = load_variant("720x720_5s")
+    models = int(34.3 * 2**30)  # fusion 21.7 + umt5-xxl 10.6 + both VAEs in bf16/float32
+    assert text_encoder_fits(cfg, models, 80 * 2**30)  # an H100
+    assert not text_encoder_fits(cfg, models, 48 * 2**30)  # models + decode + denoise reserve do not fit
+    assert not text_encoder_fits(cfg, models, None)  # the CPU: nothing visits anyway

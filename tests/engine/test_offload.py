@@ -1,0 +1,82 @@
+"""--offload block: fusion block i (video + audio) is streamed in while it runs, block i + 1 prefetched,
+embeddings and heads resident; the output is the resident model's. On the CPU the "device" copies are
+real copies, so which tensors are onloaded when is observable."""
+
+from __future__ import annotations
+
+import torch
+
+from ovi_server.config import dit_config
+from ovi_server.engine.device import CPU_FP32
+from ovi_server.engine.offload import BlockStreamer, HostWeights
+from ovi_server.models.fusion import load_fusion
+from tests.conftest import golden_cases
+
+CASE = golden_cases("fusion")[0]
+
+
+def _model():
+    return load_fusion(
+        CASE.weight_path(), dit_config(CASE.config["video"]), dit_config(CASE.config["audio"]), CPU_FP32
+    )
+
+
+def _inputs(model):
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(7, model.video_model.cfg.text_dim, generator=g)
+    video = torch.randn(model.video_model.cfg.in_dim, 3, 4, 6, generator=g)
+    audio = torch.randn(13, model.audio_model.cfg.in_dim, generator=g)
+    return [video], [audio], torch.tensor([700]), [ctx], [ctx]
+
+
+def test_groups_are_fusion_blocks_and_only_the_running_and_next_are_onloaded():
+    resident = _model()
+    model = _model()
+    streamer = BlockStreamer(model, torch.device("cpu"))
+    n = model.num_blocks
+    assert n >= 2 and len(streamer.groups) == n
+    for i, group in enumerate(streamer.groups):
+        owners = {id(owner) for owner, *_ in group.entries}
+        expected = {
+            id(m) for b in (model.video_model.blocks[i], model.audio_model.blocks[i]) for m in b.modules()
+        }
+        assert owners <= expected and len(group.entries) == len(
+            list(model.video_model.blocks[i].parameters()) + list(model.audio_model.blocks[i].parameters())
+        )
+    # the wrapper sits on the model's per-block call; the forward itself is untouched
+    assert model.fusion_block == streamer.fusion_block
+
+    seen: list[tuple[int, str, list[bool]]] = []
+    for i in range(n):
+        for tower in ("video_model", "audio_model"):
+            block = getattr(model, tower).blocks[i]
+            block.register_forward_pre_hook(
+                lambda _m, args, i=i, tower=tower: seen.append(
+                    (i, tower, [g.is_onloaded() for g in streamer.groups])
+                )
+            )
+    args = _inputs(model)
+    video, audio = model(*args)
+    ref_video, ref_audio = resident(*args)
+    assert torch.equal(video[0], ref_video[0]) and torch.equal(audio[0], ref_audio[0])
+    # every block call (audio self, video self, audio cross, video cross) saw block i and i + 1 only
+    assert len(seen) == 4 * n
+    for i, _tower, onloaded in seen:
+        assert onloaded == [j in (i, i + 1) for j in range(n)], (i, onloaded)
+    assert not any(g.is_onloaded() for g in streamer.groups)  # nothing left on the device after
+
+    # skip-layer guidance skips a block: the output still equals the resident model's
+    video, _ = model(*args, slg_layer=1)
+    assert torch.equal(video[0], resident(*args, slg_layer=1)[0][0])
+    assert not any(g.is_onloaded() for g in streamer.groups)
+
+
+def test_host_weights_swap_without_copying_back():
+    layer = torch.nn.Linear(3, 2)
+    before = layer.weight.detach().clone()
+    weights = HostWeights([layer], pin=False)
+    copies = weights.onload(torch.device("cpu"))
+    assert weights.is_onloaded() and len(copies) == 2
+    copies[0].mul_(0)  # a device-side change is not written back to the master
+    weights.offload()
+    assert not weights.is_onloaded() and torch.equal(layer.weight, before)
