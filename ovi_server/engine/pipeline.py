@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
+from ovi_server.engine.attention_check import check_attention_backend
 from ovi_server.engine.compiling import check_compile, compile_blocks
 from ovi_server.engine.device import (
     Placement,
@@ -138,6 +139,13 @@ class OviPipeline:
             check_compile(engine.fp8)
         placement = resolve_placement(
             engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8
+        )
+        # one real call in the dtype and head sizes the model uses, before minutes of loading
+        check_attention_backend(
+            placement.attention,
+            placement.device,
+            placement.dtype,
+            {(c.num_heads, c.head_dim) for c in (cfg.video, cfg.audio)},
         )
         spec = ParallelSpec(engine.sp, engine.cfg_parallel)
         if parallel is None and spec.enabled:

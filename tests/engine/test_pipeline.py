@@ -179,3 +179,17 @@ def test_text_encoder_stays_on_the_device_when_everything_fits():
     assert text_encoder_fits(cfg, models, 80 * 2**30)  # an H100
     assert not text_encoder_fits(cfg, models, 48 * 2**30)  # models + decode + denoise reserve do not fit
     assert not text_encoder_fits(cfg, models, None)  # the CPU: nothing visits anyway
+
+
+def test_a_backend_without_float32_kernels_is_refused_at_start_up():
+    """PyTorch's flash SDPA (diffusers' `_native_flash`) imports on any host but takes only bf16/fp16:
+    the server must refuse it for float32 at start-up, not fail every request."""
+    from ovi_server.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        OviPipeline.from_config(
+            EngineConfig(variant="tiny", device="cpu", dtype="fp32", attention="_native_flash")
+        )
+    message = str(err.value)
+    assert "'_native_flash' cannot run float32 attention with" in message
+    assert "bfloat16 or float16" in message and "--attention native" in message
