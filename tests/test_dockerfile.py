@@ -45,3 +45,11 @@ def test_copied_paths_exist():
             *sources, _ = line.split()[1:]
             for source in sources:
                 assert (REPO_ROOT / source).exists(), f"COPY source {source} is missing"
+
+
+def test_runtime_image_has_a_c_compiler_for_triton():
+    """--compile builds Triton launchers at run time: the runtime stage needs gcc and Python headers."""
+    runtime = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    installs = " ".join(re.findall(r"apt-get install[^&]*", runtime.replace("\\\n", " ")))
+    for package in ("gcc", "libc6-dev", "python3-dev"):
+        assert re.search(rf"\b{re.escape(package)}\b", installs), package

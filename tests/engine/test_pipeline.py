@@ -193,3 +193,14 @@ def test_a_backend_without_float32_kernels_is_refused_at_start_up():
     message = str(err.value)
     assert "'_native_flash' cannot run float32 attention with" in message
     assert "bfloat16 or float16" in message and "--attention native" in message
+
+
+def test_ieee_float32_turns_tf32_off_and_restores_it():
+    """tests/gpu run under it: torch 2.13 defaults cuDNN convolutions to TF32, which fails the goldens."""
+    from ovi_server.engine.device import ieee_float32
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = (conv.fp32_precision, matmul.fp32_precision)
+    with ieee_float32():
+        assert conv.fp32_precision == "ieee" and matmul.fp32_precision == "ieee"
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
