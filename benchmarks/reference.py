@@ -196,11 +196,13 @@ def reference_step_loop(
     scheduler_video, scheduler_audio = schedulers
     device = video_noise.device
     video_seq_len, audio_seq_len = sequence_lengths(model, video_noise, audio_noise)
-    with (
-        torch.inference_mode(),
-        torch.amp.autocast(device.type, enabled=dtype != torch.float32, dtype=dtype),
-    ):
-        for t_v, t_a in zip(scheduler_video.timesteps, scheduler_audio.timesteps, strict=True):
+    for t_v, t_a in zip(scheduler_video.timesteps, scheduler_audio.timesteps, strict=True):
+        # the contexts are opened per step and closed before the yield: the caller runs our steps
+        # between yields, and they must not run under the reference's autocast
+        with (
+            torch.inference_mode(),
+            torch.amp.autocast(device.type, enabled=dtype != torch.float32, dtype=dtype),
+        ):
             timestep_input = torch.full((1,), t_v, device=device)
             pred_vid_pos, pred_audio_pos = model(
                 vid=[video_noise],
@@ -231,7 +233,7 @@ def reference_step_loop(
             audio_noise = scheduler_audio.step(
                 pred_audio.unsqueeze(0), t_a, audio_noise.unsqueeze(0), return_dict=False
             )[0].squeeze(0)
-            yield video_noise, audio_noise
+        yield video_noise, audio_noise
 
 
 def reference_forward(

@@ -390,12 +390,9 @@ def compare_with_reference(
     ref_model = reference.build_fusion(pipe.cfg.video, pipe.cfg.audio, dict(pipe.fusion.state_dict()))
 
     req = pipe.resolve(request)
-    with torch.inference_mode():
-        positive, video_negative, audio_negative = (
-            c.to(placement.device, placement.dtype)
-            for c in pipe.text_encoder.encode(
-                [req.prompt, req.video_negative_prompt, req.audio_negative_prompt]
-            )
+    with torch.inference_mode():  # the pipeline's path: cached, the text encoder on the GPU if it visits
+        positive, video_negative, audio_negative = pipe.encode_prompts(
+            [req.prompt, req.video_negative_prompt, req.audio_negative_prompt]
         )
     noise = initial_noise(
         shape.video_latent_shape, shape.audio_latent_shape, req.seed, placement.device, placement.dtype

@@ -86,3 +86,43 @@ def test_forward_bench_reports_one_json_line():
     assert line["bench"] == "forward" and len(line["times_s"]) == 2
     assert line["video_tokens"] == 12 and line["audio_tokens"] == 13  # tiny's default t2v shape
     assert 0 < line["min_s"] <= line["median_s"]
+
+
+def test_reference_step_loop_leaves_no_autocast_between_steps():
+    """Our steps run between the reference loop's yields: they must not inherit its bf16 autocast
+    (norms in float32, mixed q/k/v dtypes) or its inference mode."""
+    import torch
+
+    from benchmarks.reference import reference_step_loop
+
+    class Model(torch.nn.Module):  # the reference FusionModel's calling convention
+        video_model = type("VideoModel", (), {"patch_size": (1, 2, 2)})()
+
+        def forward(self, vid, audio, t, vid_context, audio_context, **kwargs):
+            assert torch.is_autocast_enabled("cpu")  # the reference's own steps do run under it
+            return [vid[0] * 0.5], [audio[0] * 0.5]
+
+    class Scheduler:
+        timesteps = torch.tensor([999.0, 500.0, 1.0])
+
+        def step(self, pred, t, sample, return_dict=False):
+            return (sample - 0.1 * pred,)
+
+    context = torch.zeros(3, 8)
+    steps = reference_step_loop(
+        Model(),
+        torch.ones(48, 1, 2, 2),
+        torch.ones(5, 20),
+        (context, context, context),
+        (Scheduler(), Scheduler()),
+        4.0,
+        3.0,
+        1,
+        torch.bfloat16,
+    )
+    seen = 0
+    for video, _audio in steps:
+        assert not torch.is_autocast_enabled("cpu") and not torch.is_inference_mode_enabled()
+        assert video.shape == (48, 1, 2, 2)
+        seen += 1
+    assert seen == 3
