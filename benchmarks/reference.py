@@ -42,6 +42,7 @@ _MODULES = (
     ("ovi.utils.fm_solvers_unipc", "ovi/utils/fm_solvers_unipc.py", False),
 )
 _PACKAGES = ("ovi", "ovi.modules", "ovi.utils", "ovi.distributed_comms")
+_LOADED: dict[tuple[Path, bool], Reference] = {}
 FP32_SUBSTITUTIONS = ((".bfloat16()", ".float()"), ("torch.bfloat16", "torch.float32"))
 
 
@@ -90,6 +91,9 @@ def load_reference(root: str | Path, device: torch.device) -> Reference:
         raise FileNotFoundError(
             f"{root} does not look like a character-ai/Ovi checkout: missing {', '.join(missing)}"
         )
+    float32_source = device.type != "cuda"
+    if (root, float32_source) in _LOADED:  # a second caller in the same process gets the same modules
+        return _LOADED[(root, float32_source)]
     taken = [name for name in _PACKAGES if name in sys.modules]
     if taken:
         raise RuntimeError(
@@ -99,7 +103,6 @@ def load_reference(root: str | Path, device: torch.device) -> Reference:
         package = types.ModuleType(name)
         package.__path__ = [str(root / name.replace(".", "/"))]
         sys.modules[name] = package
-    float32_source = device.type != "cuda"
     if device.type != "cuda":
         # its `autocast('cuda', ...)` blocks warn on every call without CUDA; they are no-ops here
         warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported")
@@ -112,13 +115,15 @@ def load_reference(root: str | Path, device: torch.device) -> Reference:
         # both import the function object by name, so both names are rebound
         for name in ("ovi.modules.model", "ovi.modules.fusion"):
             loaded[name].flash_attention = sdpa_attention
-    return Reference(
+    reference = Reference(
         root=root,
         fusion_module=loaded["ovi.modules.fusion"],
         solver_module=loaded["ovi.utils.fm_solvers_unipc"],
         attention="flash-attn" if use_flash else "sdpa (substituted for flash_attention)",
         float32_source=float32_source,
     )
+    _LOADED[(root, float32_source)] = reference
+    return reference
 
 
 def _load_source(name: str, path: Path, substitutions: Sequence[tuple[str, str]]) -> types.ModuleType:
