@@ -45,7 +45,7 @@ from benchmarks.run import (
 from ovi_server.config import EngineConfig, load_variant
 from ovi_server.engine.attention_check import check_attention_backend
 from ovi_server.engine.compiling import compile_blocks
-from ovi_server.engine.device import resolve_placement
+from ovi_server.engine.device import ieee_float32, resolve_placement
 from ovi_server.engine.offload import BlockStreamer
 from ovi_server.engine.pipeline import OviPipeline
 from ovi_server.engine.request import GenerationRequest
@@ -344,7 +344,8 @@ def bf16_drift(ctx: Context) -> Result:
     reference = _reference(ctx)
     theirs = reference.build_fusion(video_cfg, audio_cfg, state)
     inputs = _forward_inputs(ctx, STEP_SIZE)
-    truth = _forward(ours32, inputs, torch.float32)
+    with ieee_float32():  # float32 means float32: no TF32 convolutions in the ground truth
+        truth = _forward(ours32, inputs, torch.float32)
     del ours32
     ours_drift = _relative(_forward(ours, inputs), truth)
     video, audio, t, video_ctx, audio_ctx = inputs
