@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment(device)
     command = " ".join(["python -m benchmarks.acceptance", *args.argv])
     results: list[Result] = []
+    run_started = time.perf_counter()
 
     def report() -> dict[str, Any]:
         counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
@@ -145,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "environment": env,
             "items": [asdict(r) for r in results],
             "summary": counts,
+            "seconds": time.perf_counter() - run_started,
         }
 
     def record(result: Result) -> None:
@@ -606,6 +608,10 @@ def _reference(ctx: Context):
     return load_reference(ctx.args.reference, ctx.device)  # imported once per process
 
 
+def _loads(values: Sequence[float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values) or "?"
+
+
 def append_results(path: Path, report: dict[str, Any]) -> None:
     env = report["environment"]
     machine = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} CPUs)"
@@ -615,7 +621,8 @@ def append_results(path: Path, report: dict[str, Any]) -> None:
         "",
         f"- machine: {machine}; torch {env['torch']}, diffusers {env['diffusers']}"
         + (f", CUDA {env['cuda']}" if "cuda" in env else ""),
-        f"- git `{env['git']}`; load average {env['load_average_start']} at the start",
+        f"- git `{env['git']}`; load average (1/5/15 min) {_loads(env['load_average_start'])} at the start, "
+        f"{_loads(env.get('load_average_end', []))} at the end; {report.get('seconds', 0):.0f} s in all",
         f"- command: `{report['command']}`; random weights, {report['dtype']}",
         "",
         "| item | status | measured | target | note |",
