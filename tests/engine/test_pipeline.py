@@ -140,6 +140,17 @@ def test_text_contexts_are_cached_per_prompt_and_exact(pipeline, monkeypatch):
     assert again[1] is first[1] and again[2] is first[2]
     alone = real_encode(["a blue fox"])[0]
     torch.testing.assert_close(again[0], alone, atol=0, rtol=0)  # batching does not change an encoding
+    # each cached context owns its memory: a view would keep the whole padded batch alive
+    for context in first:
+        assert context.untyped_storage().nbytes() == context.numel() * context.element_size()
+
+
+def test_decode_tiling_decision_is_logged(pipeline, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="ovi_server.engine.pipeline"):
+        pipeline.generate(GenerationRequest(PROMPT, seed=1, steps=2), tmp_path / "t.mp4")
+    assert any(r.getMessage().startswith("video decode untiled (untiled estimate") for r in caplog.records), [
+        r.getMessage() for r in caplog.records
+    ]
 
 
 def test_which_models_leave_the_gpu_between_stages():

@@ -42,3 +42,46 @@ def test_tiny_pipeline_in_bf16_on_cuda(tmp_path):
     )
     info = probe(clip.path)
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["num_frames"] == 9
+
+
+def test_block_offload_on_cuda_matches_the_resident_model_with_less_memory():
+    """BlockStreamer on a real device: pinned masters, side-stream prefetch, the same output in float32."""
+    from ovi_server.config import dit_config
+    from ovi_server.engine.offload import BlockStreamer
+    from ovi_server.models.fusion import load_fusion
+
+    case = golden_cases("fusion")[0]
+    video, audio = dit_config(case.config["video"]), dit_config(case.config["audio"])
+    resident = load_fusion(case.weight_path(), video, audio, CUDA_FP32)
+    streamed = load_fusion(case.weight_path(), video, audio, Placement(torch.device("cpu"), torch.float32))
+    streamer = BlockStreamer(streamed, torch.device("cuda"))
+    assert all(host.is_pinned() for group in streamer.groups for *_, host in group.entries)
+    assert streamed.video_model.head.head.weight.is_cuda  # resident: embeddings and heads
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(7, video.text_dim, generator=g).cuda()
+    args = (
+        [torch.randn(video.in_dim, 3, 4, 6, generator=g).cuda()],
+        [torch.randn(13, audio.in_dim, generator=g).cuda()],
+        torch.tensor([700], device="cuda"),
+        [ctx],
+        [ctx],
+    )
+    with torch.inference_mode():
+        out, ref = streamed(*args), resident(*args)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert not any(group.is_onloaded() for group in streamer.groups)
+
+
+def test_tiny_pipeline_with_block_offload_on_cuda(tmp_path):
+    from ovi_server.engine.pipeline import OviPipeline
+    from ovi_server.engine.request import GenerationRequest
+    from ovi_server.media.mux import probe
+
+    pipeline = OviPipeline.from_config(
+        EngineConfig(variant="tiny", device="cuda", dtype="bf16", offload="block")
+    )
+    assert {"text_encoder", "video_vae", "audio_decoder"} == pipeline.visitors
+    clip = pipeline.generate(
+        GenerationRequest("A cat says <S>hi<E> Audio: purring", seed=3), tmp_path / "b.mp4"
+    )
+    assert probe(clip.path)["num_frames"] == 9
