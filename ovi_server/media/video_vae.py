@@ -167,13 +167,15 @@ class VideoVAE(nn.Module):
         return self.autoencoder.decode(z).sample  # diffusers clamps to [-1, 1]
 
 
-# Working memory of an untiled float32 decode per output pixel of one frame (H x W), measured on the CPU
-# with the Wan2.2 decoder (random weights, 5-frame clips, growth of peak RSS from 128x128 to 256x256:
-# 480 -> 1440 MiB, i.e. 20.5 KB per pixel): the decoder holds one 4-frame chunk of 256-channel float32
-# activations at full resolution plus its causal caches, whatever the clip's length.
-DECODE_BYTES_PER_PIXEL = 20_500
+# Working memory of an untiled float32 decode per output pixel of one frame (H x W): the decoder holds a
+# 4-frame chunk of 256-channel float32 activations at full resolution plus its causal caches, whatever
+# the clip's length. Measured on the CPU with the real Wan2.2 decoder (random weights), as the peak of
+# live tensors less the weights (torch.profiler memory timeline): 339 MiB at 128x128 and 1305 MiB at
+# 256x256 with 2 latent frames (20.6 KB per pixel), about 2.2 KB per pixel more once a chunk follows
+# another (3 to 8 latent frames, at both sizes).
+DECODE_BYTES_PER_PIXEL = 23_000
 # Headroom for what the CPU measurement cannot see: the CUDA caching allocator's fragmentation and
-# cuDNN workspaces. To be checked against torch.cuda.max_memory_allocated by benchmarks.acceptance.
+# cuDNN workspaces. benchmarks.acceptance checks the estimate against torch.cuda.max_memory_allocated.
 DECODE_MEMORY_MARGIN = 1.5
 
 
@@ -195,8 +197,8 @@ def decode_memory_estimate(latent_shape: tuple[int, ...], config: VideoVAEConfig
     temporal, spatial = compression(config)
     pixels = h * spatial * w * spatial
     frames = 1 + temporal * (latent_frames - 1)
-    output = 3 * frames * pixels * 4 * math.prod(batch)
-    return int(DECODE_BYTES_PER_PIXEL * pixels * DECODE_MEMORY_MARGIN * math.prod(batch)) + output
+    output = 3 * frames * pixels * 4 * math.prod(batch)  # float32, held twice while chunks are joined
+    return int(DECODE_BYTES_PER_PIXEL * pixels * DECODE_MEMORY_MARGIN * math.prod(batch)) + 2 * output
 
 
 def plan_tiling(latent_shape: tuple[int, ...], config: VideoVAEConfig, free_bytes: int | None) -> TilingPlan:
