@@ -49,7 +49,7 @@ from ovi_server.engine.device import ieee_float32, resolve_placement
 from ovi_server.engine.offload import BlockStreamer
 from ovi_server.engine.pipeline import OviPipeline
 from ovi_server.engine.request import GenerationRequest
-from ovi_server.engine.sampler import Conditioning, denoise, initial_noise, make_plan
+from ovi_server.engine.sampler import Conditioning, Latents, denoise, initial_noise, make_plan
 from ovi_server.errors import ConfigError
 from ovi_server.media.mux import probe
 from ovi_server.media.video_vae import decode_memory_estimate
@@ -623,7 +623,7 @@ def _step_time(ctx: Context, size: tuple[int, int]) -> float:
     plan = make_plan("unipc", TIMED_STEPS, req.shift, req.guidance, ctx.device)
     marks: list[float] = []
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(done: int, total: int, x: Latents) -> None:
         ctx.sync()
         marks.append(time.perf_counter())
 
