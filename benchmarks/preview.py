@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "video_latent": list(shape.video_latent_shape),
         "steps_timed": len(step_s) - 1,
-        "step_s_p50": round(step, 4),
+        "step_s_p50": round(step, 6),
         "preview_render_ms_p50": round(render * 1e3, 3),
         "preview_store_ms_p50": round(stored * 1e3, 3),
         "preview_over_step": round((render + stored) / step, 5),
