@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from ovi_server.outbound import REFUSED_MESSAGE
-from tests.clients.live import REPO, LiveServer, free_port
+from tests.clients.live import REPO, LiveServer, free_port, start_server
 
 from .conftest import ALICE, BOB, FETCH_TIMEOUT_S, Outside, client, raw_request, wait_finished
 
@@ -331,3 +331,31 @@ def test_uploads_are_served_safely(live: LiveServer, content_type: str, file_nam
     assert served.headers["content-security-policy"] == "sandbox"
     assert served.headers["content-disposition"].startswith(disposition)
     assert urls["file_url"].endswith("/" + file_name)
+
+
+# -- 4. fair share on a live server ------------------------------------------------------------------------
+
+
+def test_one_key_cannot_fill_the_queue(tmp_path):
+    """Guards "one key can fill the queue": before the per-key quota, every submit here was accepted."""
+    quota = 3
+    # API only (--workers 0): nothing runs, so what is queued stays queued for the whole test.
+    server = start_server(
+        tmp_path, "--workers", "0", "--max-queued-per-key", str(quota), api_keys=f"{ALICE},{BOB}"
+    )
+    try:
+        alice, bob = client(server, ALICE), client(server, BOB)
+        body = {"prompt": "p", **SMALL}
+        held = [submit(alice, body)["request_id"] for _ in range(quota)]
+        refused = alice.post(T2V, json=body)
+        assert refused.status_code == 429, refused.text
+        assert set(refused.json()) == {"detail", "error_type"}, refused.json()  # fal's error shape
+        assert refused.json()["error_type"] == "rate_limited" and str(quota) in refused.json()["detail"]
+        assert int(refused.headers["retry-after"]) > 0
+        assert bob.post(T2V, json=body).status_code == 200  # another key is not limited by alice's queue
+        cancel = alice.put(f"{T2V}/requests/{held[0]}/cancel")
+        assert cancel.status_code == 202, cancel.text
+        assert alice.post(T2V, json=body).status_code == 200  # the cancelled request freed its place
+        assert alice.post(T2V, json=body).status_code == 429  # and only that one
+    finally:
+        server.stop()
