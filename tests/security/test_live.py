@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -359,3 +360,75 @@ def test_one_key_cannot_fill_the_queue(tmp_path):
         assert alice.post(T2V, json=body).status_code == 429  # and only that one
     finally:
         server.stop()
+
+
+class _HookReceiver:
+    """A webhook receiver on its own port of the allowed host; with `hold`, each call waits for it."""
+
+    def __init__(self, hold: threading.Event | None = None, hold_s: float = 0) -> None:
+        self.calls: list[str] = []  # request ids, once the answer is about to go back
+        self.arrived: list[str] = []  # request ids, as soon as the body is read
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                rid = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["request_id"]
+                receiver.arrived.append(rid)
+                if hold is not None:
+                    hold.wait(hold_s)
+                receiver.calls.append(rid)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.2:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def wait_until(predicate, timeout: float, what) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.02)
+
+
+def test_a_slow_webhook_receiver_delays_only_its_own_webhooks(live: LiveServer):
+    """Guards "one slow receiver delays every other webhook": with one delivery thread, job 2's webhook
+    waited behind job 1's held delivery. Job 1 runs on the worker; job 2 is refused at submit (seed -1),
+    so its webhook is due at once and no generation time sits inside the server's 15 s webhook timeout,
+    which bounds how long the slow receiver may hold (it answers by 12 s at the latest)."""
+    release = threading.Event()
+    slow, fast = _HookReceiver(release, hold_s=12), _HookReceiver()
+    alice = client(live, ALICE)
+    try:
+        job1 = submit(alice, {"prompt": "p", "seed": 11, **SMALL}, params={"fal_webhook": slow.url})
+        wait_until(lambda: slow.arrived == [job1["request_id"]], 120, lambda: (slow.arrived, live.log()))
+        job2 = submit(alice, {"prompt": "p", "seed": -1}, params={"fal_webhook": fast.url})
+        wait_until(lambda: fast.calls, 10, lambda: "fast webhook not delivered while the slow one was held")
+        held = slow.calls == [] and not release.is_set()
+        release.set()
+        assert held, "the slow receiver answered before the fast webhook arrived (its 12 s hold ran out)"
+        assert fast.calls == [job2["request_id"]]
+        for job, receiver in ((job1, slow), (job2, fast)):
+            url = receiver.url
+            wait_until(
+                lambda job=job, url=url: (
+                    f"webhook delivered to {url} (HTTP 200, attempt 1)"
+                    in [
+                        line["message"]
+                        for line in alice.get(job["status_url"], params={"logs": 1}).json()["logs"]
+                    ]
+                ),
+                30,
+                lambda job=job: alice.get(job["status_url"], params={"logs": 1}).json(),
+            )
+        assert slow.calls == [job1["request_id"]] and fast.calls == [job2["request_id"]]  # each exactly once
+    finally:
+        release.set()
+        slow.httpd.shutdown()
+        fast.httpd.shutdown()
