@@ -432,3 +432,22 @@ def test_a_slow_webhook_receiver_delays_only_its_own_webhooks(live: LiveServer):
         release.set()
         slow.httpd.shutdown()
         fast.httpd.shutdown()
+
+
+def test_health_answers_while_an_oversized_body_is_arriving(live: LiveServer):
+    """Guards against a large upload stalling the server (a body read that blocks the event loop or a
+    worker thread the API needs): the upload pauses halfway until /health has answered, so /health must
+    complete before the body is done; the body then goes over 32 MiB and is refused with fal's 413."""
+    health: list[int] = []
+
+    def chunks():  # chunked transfer, 1 MiB at a time; 48 MiB in all
+        yield b'{"prompt": "'
+        for i in range(48):
+            if i == 16:  # 16 MiB sent, under the limit: the server is still reading this body
+                health.append(httpx.get(f"{live.base}/health", timeout=30).status_code)
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    response = client(live, ALICE).post(T2V, content=chunks(), headers={"Content-Type": "application/json"})
+    assert health == [200]  # answered while the upload was paused mid-body
+    assert response.status_code == 413 and response.json()["error_type"] == "request_too_large", response.text
