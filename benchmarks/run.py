@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ovi_server import settings
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.device import resolve_placement
 from ovi_server.engine.pipeline import OviPipeline
@@ -35,10 +36,11 @@ from ovi_server.engine.sampler import Conditioning, Latents, denoise, initial_no
 from ovi_server.errors import OviError
 from ovi_server.models.fusion import build_fusion, load_fusion
 from ovi_server.request import GenerationRequest, Progress
-from ovi_server.shapes import GenerationShape, t2v_shape
+from ovi_server.shapes import GenerationShape, parse_size, t2v_shape
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("tiny", "mid", "720x720_5s", "960x960_5s", "960x960_10s")
+BENCH_DEFAULTS = {"variant": "mid", "device": "cpu"}  # the CPU proxy on the CPU unless told otherwise
 PROMPT = (
     "A street violinist plays under a bridge while cars pass. "
     "<AUDCAP>Solo violin melody, distant traffic hum<ENDAUDCAP>"
@@ -62,17 +64,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.run",
         description="Time one generation stage by stage (random weights), optionally next to the reference.",
     )
-    p.add_argument("--variant", default="mid", help=f"one of {', '.join(VARIANTS)} or a config path")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
-    p.add_argument("--attention", default="native", help="a diffusers attention backend name")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fusion blocks (as --compile)")
-    p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (as ovi-server generate --sp)")
-    p.add_argument(
-        "--cfg-parallel",
-        action="store_true",
-        help="guidance passes on two groups of --sp (as --cfg-parallel)",
-    )
+    # The engine settings are ovi-server's (same flags, OVI_* variables and --config file), with a
+    # benchmark's own defaults: the CPU proxy variant on the CPU.
+    settings.add_options(p, "bench", BENCH_DEFAULTS)
     p.add_argument("--steps", type=int, help="denoising steps (>= 2; default: the variant's)")
     p.add_argument(
         "--resolution",
@@ -101,12 +95,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # internal: the checkpoint-load subprocess
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    engine = settings.load(args, "bench", BENCH_DEFAULTS).engine
+    for name in ("variant", "device", "dtype", "attention", "compile", "sp", "cfg_parallel"):
+        setattr(args, name, getattr(engine, name))
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         if args.load_child is not None:
             return _load_child(args)
         return run(args)
@@ -135,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     steps = cfg.sampling.steps if args.steps is None else args.steps
     if steps < 2:
         raise UsageError(f"--steps must be at least 2 (the first step is the warm-up), got {steps}")
-    size = _parse_size(args.resolution) if args.resolution else None
+    size = parse_size(args.resolution, "--resolution") if args.resolution else None
+    if size is not None and min(size) < 32:
+        raise UsageError(f"--resolution sides must be at least 32 pixels, got {args.resolution!r}")
     placement = resolve_placement(args.device, args.dtype)
     sync = _synchronizer(placement.device)
     env = environment(placement.device)  # at the start: the sha and tree state of the code that runs
@@ -215,16 +214,6 @@ def run(args: argparse.Namespace) -> int:
     if "reference" in report:
         print(f"step_ratio={report['reference']['step_ratio']:.2f}")
     return 0
-
-
-def _parse_size(value: str) -> tuple[int, int]:
-    try:
-        width, height = (int(part) for part in value.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--resolution must be WIDTHxHEIGHT, e.g. 512x512; got {value!r}") from None
-    if width < 32 or height < 32:
-        raise UsageError(f"--resolution sides must be at least 32 pixels, got {value!r}")
-    return width, height
 
 
 def _random_weights_config(cfg: OviConfig, size: tuple[int, int] | None, where: Path) -> Path:

@@ -1,162 +1,204 @@
-"""`ovi-server generate` (prompt to MP4 with a progress bar) and `ovi-server weights check|download`."""
+"""What each `ovi-server` command does, given its settings (config.ServerConfig, built by settings.py)
+and its parsed arguments; cli.py declares the commands and their flags.
+
+  serve      the API process: checks, the job store, worker processes, uvicorn
+  worker     one worker process: the job store, the engine, until SIGTERM
+  generate   prompt (+ image) → MP4 on this machine, with progress bars
+  weights    check | download the official checkpoint files
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import ipaddress
+import logging
 import mimetypes
-import os
-import re
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
-from ovi_server.config import EngineConfig, SamplingDefaults
-from ovi_server.request import SOLVERS
-from ovi_server.shapes import DEFAULT_RESOLUTION, FAL_RESOLUTIONS
+from ovi_server.config import ServerConfig
+from ovi_server.shapes import parse_size
 
-SAMPLING = SamplingDefaults()  # the help shows the defaults the variants' configs start from
-
-DEFAULT_WEIGHTS_DIR = "weights"
+logger = logging.getLogger("ovi_server.cli")
 
 
-def flag_from_env(name: str) -> bool:
-    return (os.environ.get(name) or "").lower() in ("1", "true", "yes", "on")
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
 
 
-def env_option(parser, flag: str, env: str, help: str, default: str | None = None, **kw) -> None:
-    """An option whose default comes from `env`; --help shows both."""
-    shown = f" (default: {default})" if default is not None else ""
-    parser.add_argument(flag, default=os.environ.get(env, default), help=f"{help} [env {env}]{shown}", **kw)
+def check_auth(config: ServerConfig) -> None:
+    from ovi_server.api.auth import KeyRing
 
-
-def add_model_options(parser, weights_default: str | None = None) -> None:
-    """Which model: --variant, --weights, --fp8 (serve, generate, weights)."""
-    env_option(
-        parser,
-        "--variant",
-        "OVI_VARIANT",
-        "720x720_5s, 960x960_5s, 960x960_10s, tiny (random weights, CPU demo) or a config path",
-        "tiny",
-    )
-    env_option(
-        parser,
-        "--weights",
-        "OVI_WEIGHTS_DIR",
-        "weights directory in the reference's layout, weights/README.md (none: random weights, tiny only)",
-        weights_default,
-    )
-    parser.add_argument(
-        "--fp8",
-        action="store_true",
-        default=flag_from_env("OVI_FP8"),
-        help="the fp8 checkpoint (720x720_5s), kept fp8 in memory [env OVI_FP8]",
-    )
-
-
-def add_runtime_options(parser) -> None:
-    """How the model runs: device, precision, attention kernel, offloading, tiling, compile."""
-    env_option(parser, "--device", "OVI_DEVICE", "auto, cpu, cuda or cuda:N", "auto")
-    env_option(parser, "--dtype", "OVI_DTYPE", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32", "auto")
-    env_option(
-        parser,
-        "--attention",
-        "OVI_ATTENTION",
-        "a diffusers attention backend: native (PyTorch SDPA), _native_cudnn, flash, _flash_3, sage",
-        "native",
-    )
-    env_option(
-        parser,
-        "--offload",
-        "OVI_OFFLOAD",
-        "keep models in host memory, on the GPU per stage (model) or per block (block)",
-        "none",
-        choices=["none", "model", "block"],
-    )
-    env_option(
-        parser,
-        "--vae-tiling",
-        "OVI_VAE_TILING",
-        "tiled video VAE decode: auto (only when an untiled decode would not fit in free GPU memory), on, off",
-        "auto",
-        choices=["auto", "on", "off"],
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        default=flag_from_env("OVI_COMPILE"),
-        help="torch.compile the fusion blocks [env OVI_COMPILE]",
-    )
-    env_option(
-        parser,
-        "--sp",
-        "OVI_SP",
-        "sequence-parallel degree: one request runs on this many GPUs (processes on the CPU), "
-        "the token streams split between them (Ulysses)",
-        "1",
-        type=int,
-    )
-    parser.add_argument(
-        "--cfg-parallel",
-        action="store_true",
-        default=flag_from_env("OVI_CFG_PARALLEL"),
-        help="run the positive and negative guidance passes on two groups of --sp GPUs each "
-        "(2 x --sp in all) [env OVI_CFG_PARALLEL]",
-    )
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        variant=args.variant,
-        weights_dir=Path(args.weights) if args.weights else None,
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        offload=args.offload,
-        fp8=args.fp8,
-        compile=args.compile,
-        vae_tiling=args.vae_tiling,
-        sp=int(args.sp),
-        cfg_parallel=args.cfg_parallel,
-    )
-
-
-def add_generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="generate one MP4 from a prompt (and optionally a first-frame image)",
-        description="Prompt (+ image) to MP4 with speech and sound, on this machine.",
-    )
-    p.add_argument("prompt", help="e.g. 'A man says <S>We ship today.<E> Audio: keyboard clicks'")
-    p.add_argument("--image", help="first frame (image-to-video): a file path, an http(s) URL or a data: URI")
-    p.add_argument(
-        "--resolution",
-        default=DEFAULT_RESOLUTION,
-        help=f"WIDTHxHEIGHT, snapped to the variant's area (fal's: {', '.join(FAL_RESOLUTIONS)}) "
-        f"(default {DEFAULT_RESOLUTION}; ignored with --image)",
-    )
-    p.add_argument(
-        "--steps", type=int, help=f"denoising steps (default: the variant's, {SAMPLING.steps}; tiny: 4)"
-    )
-    p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
-    p.add_argument("--solver", choices=SOLVERS, help=f"default {SAMPLING.solver}")
-    p.add_argument("--video-guidance", type=float, help=f"default {SAMPLING.video_guidance_scale}")
-    p.add_argument("--audio-guidance", type=float, help=f"default {SAMPLING.audio_guidance_scale}")
-    p.add_argument("--negative-prompt", help="video negative prompt")
-    p.add_argument("--audio-negative-prompt", help="audio negative prompt")
-    add_model_options(p)
-    add_runtime_options(p)
-    p.add_argument("-o", "--output", default="out.mp4", help="where to write the MP4 (default out.mp4)")
-    p.set_defaults(func=generate)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"--resolution {text!r}: expected WIDTHxHEIGHT, e.g. {DEFAULT_RESOLUTION}"
+    try:
+        ids = KeyRing(config.api_keys).ids
+    except ValueError as exc:
+        raise SystemExit(f"--api-keys / OVI_API_KEYS: {exc}") from None
+    if config.api_keys:
+        logger.info("auth: %d API key(s): %s", len(ids), ", ".join(ids))
+    elif is_loopback(config.host):
+        logger.warning(
+            "auth: no API keys (OVI_API_KEYS); open to local clients only, listening on %s", config.host
         )
-    return int(match.group(1)), int(match.group(2))
+    elif config.no_auth:
+        logger.warning("auth: DISABLED on %s (--no-auth): anyone who can reach it can use it", config.host)
+    else:
+        raise SystemExit(
+            f"refusing to listen on {config.host} without API keys: set OVI_API_KEYS=id:secret[,...] "
+            "(or --api-keys), listen on 127.0.0.1, or pass --no-auth if a proxy in front authenticates"
+        )
+
+
+def serve(config: ServerConfig, args: argparse.Namespace) -> int:
+    """The HTTP API and its worker processes (SIGTERM/SIGINT drain them)."""
+    import uvicorn
+
+    from ovi_server.api.app import build_app, build_files
+    from ovi_server.jobs.backends import open_store
+    from ovi_server.jobs.metrics import Metrics
+    from ovi_server.jobs.supervisor import Supervisor, worker_argv, worker_slots
+
+    check_auth(config)
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    for port in (config.port, config.tls_port):
+        if port is not None:
+            check_port_free(config.host, port)  # before the model loads, which can take minutes
+    if config.workers is not None and config.workers < 0:
+        raise SystemExit(f"--workers {config.workers}: expected 0 or more")
+    logger.info("config %s", config)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(config.data_dir)  # noqa: F841 -- held until the process exits
+    store = open_store(config)
+    warn_if_files_not_shared(config)
+    files = build_files(config)
+    slots = worker_slots(config)
+    supervisor = Supervisor(
+        [worker_argv(config, slot.device) for slot in slots],
+        child_env=[
+            {"CUDA_VISIBLE_DEVICES": slot.visible_gpus} if slot.visible_gpus else {} for slot in slots
+        ],
+    )
+    where = ", ".join(
+        slot.device + (f" (GPUs {slot.visible_gpus})" if slot.visible_gpus else "") for slot in slots
+    )
+    logger.info("%d worker process(es)%s", len(slots), f" on {where}" if slots else ": API only")
+    supervisor.start()
+    app = build_app(config, store, files, Metrics(store))
+
+    common = {"log_level": config.log.level.lower(), "timeout_graceful_shutdown": 5}
+    tls = (
+        {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)} if config.tls_cert else {}
+    )
+    main_tls = tls if tls and config.tls_port is None else {}
+    servers = [uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, **main_tls, **common))]
+    if tls and config.tls_port is not None:
+        # Same app, second listener; the first server runs the lifespan (webhooks, retention) for both.
+        extra = uvicorn.Config(app, host=config.host, port=config.tls_port, lifespan="off", **tls, **common)
+        servers.append(uvicorn.Server(extra))
+    for server in servers:
+        scheme = "https" if server.config.ssl_certfile else "http"
+        logger.info("listening on %s://%s:%d", scheme, config.host, server.config.port)
+    # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down; with these handlers in
+    # place that re-raise is a no-op, so the workers below are stopped (drained) before the exit.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(
+            sig, lambda signum, _frame: logger.info("%s: shutting down", signal.Signals(signum).name)
+        )
+    try:
+        asyncio.run(_serve_all(servers))
+    finally:
+        supervisor.stop()
+        store.close()
+    return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One line instead of uvicorn's tracebacks when the address is taken (bound the way uvicorn binds)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(
+                f"cannot listen on {host}:{port}: [Errno {exc.errno}] {exc.strerror}; another process has "
+                f"it (`ss -ltnp 'sport = :{port}'` shows which): stop it or pick another --port"
+            ) from None
+
+
+def worker(config: ServerConfig, args: argparse.Namespace) -> int:
+    """One worker process: SIGTERM/SIGINT stop it cleanly; its running job goes back to the queue."""
+    from ovi_server.api.app import build_files
+    from ovi_server.jobs.backends import open_store
+    from ovi_server.jobs.worker import Worker
+
+    logger.info("worker config %s", config)
+    store = open_store(config)
+    warn_if_files_not_shared(config)
+    from ovi_server.jobs.backends import is_shared_queue
+
+    # Job scratch dirs: in the data dir, where the worker sweeps those of dead processes on this host
+    # (by pid); per host when the queue spans hosts and the data dir may be shared between them.
+    scratch = config.data_dir / "tmp" / (socket.gethostname() if is_shared_queue(config) else "")
+    process = Worker(config.engine, store, build_files(config), tmp_dir=scratch)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("worker %s: %s, stopping", process.id, signal.Signals(signum).name)
+        process.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        process.run_forever()
+    finally:
+        store.close()
+    return 0
+
+
+def warn_if_files_not_shared(config: ServerConfig) -> None:
+    from ovi_server.jobs.backends import is_shared_queue
+
+    if is_shared_queue(config) and config.storage == "local":
+        logger.warning(
+            "queue %s is shared across hosts but files are local (%s): a video made on another host is "
+            "only downloadable if %s is a directory every API and worker host shares (NFS, ...); "
+            "otherwise use --storage s3",
+            config.queue, config.data_dir / "files", config.data_dir / "files",
+        )  # fmt: skip
+
+
+def _lock_data_dir(data_dir: Path) -> object:
+    """One API server per data dir (it owns the webhook sender and the retention sweep); `ovi-server
+    worker` processes do not take the lock, so hand-started workers share the dir with it. The lock goes
+    away with the process, also on SIGKILL."""
+    import fcntl
+
+    handle = open(data_dir / "server.lock", "w")  # noqa: SIM115 -- kept open for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(
+            f"another ovi-server is using {data_dir}; stop it or give this one its own --data-dir"
+        ) from None
+    return handle
+
+
+async def _serve_all(servers: list) -> None:
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for server in servers:  # uvicorn's signal handlers reach only one server: stop the others with it
+        server.should_exit = True
+    await asyncio.gather(*pending)
 
 
 def image_source(value: str) -> str:
@@ -181,19 +223,15 @@ def image_source(value: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-def generate(args: argparse.Namespace) -> int:
+def generate(config: ServerConfig, args: argparse.Namespace) -> int:
     from ovi_server.config import load_variant
     from ovi_server.errors import OviError
     from ovi_server.request import GenerationRequest, Progress, check_request
 
     started = time.monotonic()
+    engine = config.engine
     try:
-        size = parse_size(args.resolution)
-    except argparse.ArgumentTypeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    engine = engine_config(args)
-    try:
+        size = parse_size(args.resolution, "--resolution")
         image = image_source(args.image) if args.image else None
     except OviError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -211,7 +249,7 @@ def generate(args: argparse.Namespace) -> int:
         audio_negative_prompt=args.audio_negative_prompt,
     )
     try:  # before anything heavy is imported or loaded: a typo costs milliseconds
-        check_request(load_variant(args.variant), request)
+        check_request(load_variant(engine.variant), request)
     except OviError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -237,7 +275,7 @@ def generate(args: argparse.Namespace) -> int:
             bar.close()
 
     try:
-        print(f"loading {args.variant} ...", file=sys.stderr)
+        print(f"loading {engine.variant} ...", file=sys.stderr)
         pipeline = OviPipeline.from_config(engine)
         try:
             clip = pipeline.generate(request, Path(args.output), on_progress)
@@ -255,57 +293,47 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_weights_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("weights", help="check or download the official checkpoint files")
-    wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
-    check = wsub.add_parser(
-        "check", help="list the variant's files, their sizes and whether their keys match"
-    )
-    add_model_options(check, DEFAULT_WEIGHTS_DIR)
-    check.set_defaults(func=weights_check)
-    download = wsub.add_parser("download", help="fetch the variant's official files with huggingface_hub")
-    add_model_options(download, DEFAULT_WEIGHTS_DIR)
-    download.set_defaults(func=weights_download)
-
-
-def weights_check(args: argparse.Namespace) -> int:
+def weights_check(config: ServerConfig, args: argparse.Namespace) -> int:
     from ovi_server import weights
     from ovi_server.config import load_variant
     from ovi_server.errors import OviError
 
     try:
-        cfg = load_variant(args.variant)
-        reports = weights.check(Path(args.weights), cfg, fp8=args.fp8)
+        cfg = load_variant(config.engine.variant)
+        reports = weights.check(config.engine.weights_dir, cfg, fp8=config.engine.fp8)
     except OviError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{cfg.name}: {Path(args.weights).resolve()}")
+    print(f"{cfg.name}: {config.engine.weights_dir.resolve()}")
     for report in reports:
         print("  " + report.line())
     bad = [r for r in reports if not r.present or r.keys_ok is False]
     print(f"{len(reports) - len(bad)} ok, {len(bad)} missing or bad")
     if any(r.present for r in bad):
-        print(f"fix: delete the BAD files above, then run: {fix_command(args)}")
+        print(f"fix: delete the BAD files above, then run: {fix_command(config)}")
     elif bad:
-        print(f"fix: {fix_command(args)}")
+        print(f"fix: {fix_command(config)}")
     return 1 if bad else 0
 
 
-def fix_command(args: argparse.Namespace) -> str:
+def fix_command(config: ServerConfig) -> str:
     """The `weights download` command for the same variant and directory (it skips files already there)."""
     import shlex
 
-    fp8 = " --fp8" if args.fp8 else ""
-    return f"ovi-server weights download --variant {shlex.quote(args.variant)} --weights {shlex.quote(args.weights)}{fp8}"
+    engine = config.engine
+    fp8 = " --fp8" if engine.fp8 else ""
+    return f"ovi-server weights download --variant {shlex.quote(engine.variant)} --weights {shlex.quote(str(engine.weights_dir))}{fp8}"
 
 
-def weights_download(args: argparse.Namespace) -> int:
+def weights_download(config: ServerConfig, args: argparse.Namespace) -> int:
     from ovi_server import weights
     from ovi_server.config import load_variant
     from ovi_server.errors import OviError
 
     try:
-        paths = weights.download(Path(args.weights), load_variant(args.variant), fp8=args.fp8)
+        paths = weights.download(
+            config.engine.weights_dir, load_variant(config.engine.variant), fp8=config.engine.fp8
+        )
     except OviError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -239,30 +239,198 @@ def variant_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
+# ---------------------------------------------------------------------------------------- settings
+# The run-time settings below are the one settings object of every command (serve, worker, generate,
+# weights, benchmarks.run). A field made with `setting(...)` is also a command-line flag and an
+# environment variable; ovi_server/settings.py turns these fields into argparse options (help, env
+# name, default) and resolves defaults → config file → environment → flags. Adding a flag: add a field
+# here, with its flag, env var, help and the commands that take it. Nothing else.
+
+SERVE = ("serve",)
+QUEUE = ("serve", "worker")  # where jobs and files live
+ENGINE = ("serve", "worker", "generate", "bench")  # how the model runs
+MODEL = (*ENGINE, "weights")  # which model
+
+
+def setting(
+    default: Any = None,
+    *,
+    flag: str,
+    env: str,
+    help: str,
+    commands: tuple[str, ...],
+    group: str,
+    parse: Any = None,
+    default_factory: Any = None,
+) -> Any:
+    """A dataclass field that is also a CLI flag and an env var (see ovi_server/settings.py).
+
+    parse: str → value for flags and env vars (and config-file strings) where the field's type alone
+    does not say how (comma lists, "off"); otherwise pydantic coerces to the field's annotation.
+    """
+    meta = {"flag": flag, "env": env, "help": help, "commands": commands, "group": group, "parse": parse}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def comma_list(text: str | list | tuple) -> tuple[str, ...]:
+    """ "a, b" (a flag, env var or config string) or a config-file list → ("a", "b")."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(str(i).strip() for i in items if str(i).strip())
+
+
+def cidr_list(text: str | list | tuple) -> tuple[str, ...]:
+    from ovi_server.outbound import parse_networks  # raises ValueError naming the bad entry
+
+    return tuple(str(n) for n in parse_networks(comma_list(text)))
+
+
+def previews_every(text: str | int) -> int:
+    """--previews: "off" → 0, else a positive number of denoising steps."""
+    word = str(text).strip().lower()
+    if word in ("off", "0", "no", "false"):
+        return 0
+    if not word.isdigit():
+        raise ValueError(f"expected a number of steps or 'off', got {text!r}")
+    return int(word)
+
+
+def origin(text: str) -> str:
+    return str(text).rstrip("/")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the server or the CLI runs the model; built once by cli.py and passed down."""
 
-    variant: str = "tiny"
-    weights_dir: Path | None = (
-        None  # None: random weights (only allowed for variants with random_weights_seed)
+    variant: str = setting(
+        "tiny",
+        flag="--variant",
+        env="OVI_VARIANT",
+        help="720x720_5s, 960x960_5s, 960x960_10s, tiny (random weights, CPU demo) or a config path",
+        commands=MODEL,
+        group="model",
     )
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
-    attention: str = "native"  # a diffusers attention backend name
-    offload: Literal["none", "model", "block"] = "none"
-    fp8: bool = False  # load the fp8 checkpoint and keep Linear weights in fp8 (low-VRAM mode)
-    compile: bool = False  # torch.compile the fusion blocks
+    # None: random weights (only allowed for variants with random_weights_seed)
+    weights_dir: Path | None = setting(
+        flag="--weights",
+        env="OVI_WEIGHTS_DIR",
+        help="weights directory in the reference's layout, weights/README.md (none: random weights, tiny only)",
+        commands=MODEL,
+        group="model",
+    )
+    # load the fp8 checkpoint and keep Linear weights in fp8 (low-VRAM mode)
+    fp8: bool = setting(
+        False,
+        flag="--fp8",
+        env="OVI_FP8",
+        help="the fp8 checkpoint (720x720_5s), kept fp8 in memory",
+        commands=MODEL,
+        group="model",
+    )
+    device: str = setting(
+        "auto",
+        flag="--device",
+        env="OVI_DEVICE",
+        help="auto, cpu, cuda or cuda:N",
+        commands=ENGINE,
+        group="model",
+    )
+    dtype: str = setting(
+        "auto",
+        flag="--dtype",
+        env="OVI_DTYPE",
+        help="auto (bf16 on GPU, fp32 on CPU), bf16 or fp32",
+        commands=ENGINE,
+        group="model",
+    )
+    attention: str = setting(
+        "native",
+        flag="--attention",
+        env="OVI_ATTENTION",
+        help="a diffusers attention backend: native (PyTorch SDPA), _native_cudnn, flash, _flash_3, sage",
+        commands=ENGINE,
+        group="model",
+    )
+    offload: Literal["none", "model", "block"] = setting(
+        "none",
+        flag="--offload",
+        env="OVI_OFFLOAD",
+        help="keep models in host memory, on the GPU per stage (model) or per block (block)",
+        commands=("serve", "worker", "generate"),
+        group="model",
+    )
+    compile: bool = setting(
+        False,
+        flag="--compile",
+        env="OVI_COMPILE",
+        help="torch.compile the fusion blocks",
+        commands=ENGINE,
+        group="model",
+    )
     # Spatially tiled VAE decode: bounded memory, not bit-exact at tile seams. "auto": only when an
     # estimate of the untiled decode exceeds the device's free memory (never on the CPU).
-    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    vae_tiling: Literal["auto", "on", "off"] = setting(
+        "auto",
+        flag="--vae-tiling",
+        env="OVI_VAE_TILING",
+        help="tiled video VAE decode: auto (only when an untiled decode would not fit in free GPU memory), on, off",
+        commands=("serve", "worker", "generate"),
+        group="model",
+    )
     # Live previews (serve): a PNG of the video latents every this many denoising steps and at the last
     # one, stored for GET .../requests/{id}/preview; 0: off.
-    preview_every: int = 5
+    preview_every: int = setting(
+        5,
+        flag="--previews",
+        env="OVI_PREVIEWS",
+        help="live previews of the video while it denoises: every N steps (and the last), or off",
+        commands=QUEUE,
+        group="model",
+        parse=previews_every,
+    )
     # One request on several processes (engine/parallel.py): the sequence-parallel degree, and whether
     # the positive and negative passes run on two groups of `sp` processes each.
-    sp: int = 1
-    cfg_parallel: bool = False
+    sp: int = setting(
+        1,
+        flag="--sp",
+        env="OVI_SP",
+        help="sequence-parallel degree: one request runs on this many GPUs (processes on the CPU), "
+        "the token streams split between them (Ulysses)",
+        commands=ENGINE,
+        group="model",
+    )
+    cfg_parallel: bool = setting(
+        False,
+        flag="--cfg-parallel",
+        env="OVI_CFG_PARALLEL",
+        help="run the positive and negative guidance passes on two groups of --sp GPUs each (2 x --sp in all)",
+        commands=ENGINE,
+        group="model",
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """How a server or worker process logs (log.py); a worker gets its server's."""
+
+    level: str = setting(
+        "info",
+        flag="--log-level",
+        env="OVI_LOG_LEVEL",
+        help="debug, info, warning",
+        commands=QUEUE,
+        group="logging",
+    )
+    format: Literal["text", "json"] = setting(
+        "text",
+        flag="--log-format",
+        env="OVI_LOG_FORMAT",
+        help="text or json (one object per line)",
+        commands=QUEUE,
+        group="logging",
+    )
 
 
 def default_data_dir() -> Path:
@@ -274,38 +442,165 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """`ovi-server serve`: built once by cli.py (defaults → env → flags) and handed to build_app/Worker."""
+    """The settings of every command (defaults → config file → environment → flags; settings.py builds
+    it once) handed to build_app/Worker/OviPipeline; `generate` and `weights` use `engine` alone."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
-    port: int = 8000
+    log: LogConfig = field(default_factory=LogConfig)
+    host: str = setting("127.0.0.1", flag="--host", env="OVI_HOST", help="listen address", commands=SERVE, group="network")  # fmt: skip
+    port: int = setting(8000, flag="--port", env="OVI_PORT", help="listen port", commands=SERVE, group="network")  # fmt: skip
     # None: absolute URLs (status_url, video.url, ...) follow each request's Host / X-Forwarded-* headers.
-    public_url: str | None = None
-    data_dir: Path = field(default_factory=default_data_dir)  # jobs.sqlite3, files/, webhook signing key
+    public_url: str | None = setting(
+        flag="--public-url",
+        env="OVI_PUBLIC_URL",
+        help="origin used in returned URLs (status_url, video.url, ...); default: the address each client "
+        "used (Host / X-Forwarded-Proto / X-Forwarded-Host), i.e. the listen address for direct clients",
+        commands=SERVE,
+        group="network",
+        parse=origin,
+    )
+    tls_cert: Path | None = setting(
+        flag="--tls-cert",
+        env="OVI_TLS_CERT",
+        help="PEM certificate: serve HTTPS (fal-client only speaks https)",
+        commands=SERVE,
+        group="network",
+    )
+    tls_key: Path | None = setting(
+        flag="--tls-key",
+        env="OVI_TLS_KEY",
+        help="PEM private key for --tls-cert",
+        commands=SERVE,
+        group="network",
+    )
+    # with a cert: extra HTTPS listener; None: `port` itself serves HTTPS
+    tls_port: int | None = setting(
+        flag="--tls-port",
+        env="OVI_TLS_PORT",
+        help="with --tls-cert: HTTPS on this port, plain HTTP stays on --port",
+        commands=SERVE,
+        group="network",
+    )
     # "id:secret" pairs (or bare keys). Empty: open, which cli.py only allows on loopback or with no_auth.
     # Secrets: kept out of repr (the start-up log prints the config).
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    no_auth: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_port: int | None = None  # with a cert: extra HTTPS listener; None: `port` itself serves HTTPS
-    output_retention_hours: float = 24.0  # generated MP4s and uploads are deleted after this
-    webhook_retry_base_s: float = 7.0  # delays base·2^n: 10 retries span ~2 h, as on fal
-    webhook_max_retries: int = 10
-    # A job whose worker stopped renewing its lease is re-queued; it runs this many times at most.
-    max_attempts: int = 2
-    # The queue: "sqlite:///PATH" (None: sqlite under data_dir; one host) or "redis://HOST:PORT/DB" (many hosts).
-    queue: str | None = None
-    lease_s: float = 30.0  # a claimed job's lease, renewed by its worker's heartbeat every lease_s / 3
-    # Worker processes `serve` starts: None = one per visible CUDA device (one without CUDA), 0 = API only.
-    workers: int | None = None
-    storage: Literal["local", "s3"] = "local"
-    s3_bucket: str | None = None
-    s3_endpoint_url: str | None = None
-    s3_prefix: str = "ovi/"
+    api_keys: tuple[str, ...] = field(
+        default=(),
+        repr=False,
+        metadata={
+            "flag": "--api-keys",
+            "env": "OVI_API_KEYS",
+            "help": "comma-separated keys, 'id:secret' or bare; clients send 'Key <key>'",
+            "commands": SERVE,
+            "group": "auth",
+            "parse": comma_list,
+        },
+    )
+    no_auth: bool = setting(
+        False,
+        flag="--no-auth",
+        env="OVI_NO_AUTH",
+        help="allow running without keys on a non-loopback address",
+        commands=SERVE,
+        group="auth",
+    )
     # Security limits (README "Security"). CIDR ranges outbound fetches and webhooks may reach besides
     # public addresses (on-prem receivers, tests on loopback).
-    allowed_networks: tuple[str, ...] = ()
-    max_body_bytes: int = 32 << 20  # POST bodies; a data-URI image fits
-    max_queued_per_key: int = 100  # queued + running requests per API key; more get 429
-    fetch_timeout_s: float = 10.0  # total time to download an image_url at submit
+    allowed_networks: tuple[str, ...] = setting(
+        (),
+        flag="--allowed-networks",
+        env="OVI_ALLOWED_NETWORKS",
+        help="comma-separated CIDR ranges that image_url fetches and webhooks may reach besides public "
+        "addresses (e.g. 10.0.0.0/8 for on-prem receivers); default: public addresses only",
+        commands=SERVE,
+        group="security limits (README: Security)",
+        parse=cidr_list,
+    )
+    max_body_bytes: int = setting(32 << 20, flag="--max-body-bytes", env="OVI_MAX_BODY_BYTES", help="largest POST body (413 above); a data-URI image fits", commands=SERVE, group="security limits (README: Security)")  # fmt: skip
+    max_queued_per_key: int = setting(100, flag="--max-queued-per-key", env="OVI_MAX_QUEUED_PER_KEY", help="queued + running requests per API key (429 above)", commands=SERVE, group="security limits (README: Security)")  # fmt: skip
+    fetch_timeout_s: float = setting(10.0, flag="--fetch-timeout", env="OVI_FETCH_TIMEOUT", help="seconds to download an image_url at submit, in all", commands=SERVE, group="security limits (README: Security)")  # fmt: skip
+    # jobs.sqlite3, files/, webhook signing key
+    data_dir: Path = setting(
+        flag="--data-dir",
+        env="OVI_DATA_DIR",
+        help="jobs database, files, webhook key (default: the user data dir)",
+        commands=QUEUE,
+        group="queue and files",
+        default_factory=default_data_dir,
+    )
+    # The queue: "sqlite:///PATH" (None: sqlite under data_dir; one host) or "redis://HOST:PORT/DB" (many hosts).
+    queue: str | None = setting(
+        flag="--queue",
+        env="OVI_QUEUE",
+        help="sqlite:///PATH (one host; default: jobs.sqlite3 in the data dir) or redis://HOST:PORT/DB (many hosts)",
+        commands=QUEUE,
+        group="queue and files",
+    )
+    # a claimed job's lease, renewed by its worker's heartbeat every lease_s / 3
+    lease_s: float = setting(
+        30.0,
+        flag="--lease-seconds",
+        env="OVI_LEASE_SECONDS",
+        help="a running job whose worker has not renewed its lease for this long is queued again",
+        commands=QUEUE,
+        group="queue and files",
+    )
+    # A job whose worker stopped renewing its lease is re-queued; it runs this many times at most.
+    max_attempts: int = setting(
+        2,
+        flag="--max-attempts",
+        env="OVI_MAX_ATTEMPTS",
+        help="runs of a job whose worker died or froze before it fails (runner_disconnected)",
+        commands=QUEUE,
+        group="queue and files",
+    )
+    storage: Literal["local", "s3"] = setting(
+        "local",
+        flag="--storage",
+        env="OVI_STORAGE",
+        help="where files live",
+        commands=QUEUE,
+        group="queue and files",
+    )
+    s3_bucket: str | None = setting(
+        flag="--s3-bucket",
+        env="OVI_S3_BUCKET",
+        help="bucket for --storage s3 (credentials: the usual AWS_* env)",
+        commands=QUEUE,
+        group="queue and files",
+    )
+    s3_endpoint_url: str | None = setting(
+        flag="--s3-endpoint-url",
+        env="OVI_S3_ENDPOINT_URL",
+        help="S3-compatible endpoint (MinIO, R2, ...)",
+        commands=QUEUE,
+        group="queue and files",
+    )
+    s3_prefix: str = "ovi/"
+    # Worker processes `serve` starts: None = one per visible CUDA device (one without CUDA), 0 = API only.
+    workers: int | None = setting(
+        flag="--workers",
+        env="OVI_WORKERS",
+        help="worker processes to start beside the API: default one per visible CUDA device (one without "
+        "CUDA); 0 serves the API alone (start `ovi-server worker` processes yourself)",
+        commands=SERVE,
+        group="workers",
+    )
+    # generated MP4s and uploads are deleted after this
+    output_retention_hours: float = setting(
+        24.0,
+        flag="--retention-hours",
+        env="OVI_RETENTION_HOURS",
+        help="delete outputs and uploads after",
+        commands=SERVE,
+        group="retention and webhooks",
+    )
+    # delays base·2^n: 10 retries span ~2 h, as on fal
+    webhook_retry_base_s: float = setting(
+        7.0,
+        flag="--webhook-retry-base",
+        env="OVI_WEBHOOK_RETRY_BASE",
+        help="seconds before the first webhook retry (doubles)",
+        commands=SERVE,
+        group="retention and webhooks",
+    )
+    webhook_max_retries: int = 10

@@ -8,6 +8,7 @@ Python's round-half-to-even, because a one-step difference changes the latent gr
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from ovi_server.errors import InvalidInput
@@ -44,6 +45,17 @@ def parse_resolution(value: str) -> tuple[int, int]:
         )
     width, height = (int(part) for part in value.split("x"))
     return height, width
+
+
+def parse_size(text: str, name: str = "resolution") -> tuple[int, int]:
+    """ "WIDTHxHEIGHT" (any size; the CLI's and the benchmark's --resolution) -> (width, height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or min(int(match.group(1)), int(match.group(2))) < 32:
+        raise InvalidInput(
+            name,
+            f"{text!r}: expected WIDTHxHEIGHT with sides of 32 pixels or more, e.g. {DEFAULT_RESOLUTION}",
+        )
+    return int(match.group(1)), int(match.group(2))
 
 
 def snap_hw_to_multiple_of_32(h: int, w: int, area: int | None = 720 * 720) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ovi_server.cli import build_parser, main
+from ovi_server.cli import build_parser, build_server_config, main
 from tests.conftest import REPO
 
 
@@ -65,10 +65,12 @@ def test_a_busy_port_is_one_line_without_a_traceback(tmp_path):
 @pytest.mark.parametrize(("value", "every"), [("off", 0), ("5", 5), ("1", 1)])
 def test_previews_flag(value, every):
     args = build_parser().parse_args(["serve", "--previews", value])
-    assert args.previews == every
+    assert build_server_config(args).engine.preview_every == every
 
 
 def test_previews_flag_refuses_other_words(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--previews", "sometimes"])
-    assert "expected a number of steps or 'off'" in capsys.readouterr().err
+    assert main(["serve", "--previews", "sometimes"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ovi-server serve: error: --previews: bad value 'sometimes' from --previews: "
+        "expected a number of steps or 'off', got 'sometimes'"
+    )

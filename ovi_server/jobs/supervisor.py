@@ -88,31 +88,15 @@ def worker_slots(
     return [WorkerSlot("cuda", ",".join(ids[(w * world + r) % gpus] for r in range(world))) for w in range(n)]
 
 
-def worker_argv(config: ServerConfig, device: str, log_level: str, log_format: str) -> list[str]:
+def worker_argv(config: ServerConfig, device: str) -> list[str]:
     """The `ovi-server worker` command line that runs one worker with this server's settings."""
-    engine = config.engine
-    argv = [
-        sys.executable, "-m", "ovi_server.cli", "worker",
-        "--variant", engine.variant, "--device", device, "--dtype", engine.dtype,
-        "--attention", engine.attention, "--offload", engine.offload, "--vae-tiling", engine.vae_tiling,
-        "--data-dir", str(config.data_dir), "--queue", config.queue or f"sqlite:///{config.data_dir / 'jobs.sqlite3'}",
-        "--lease-seconds", str(config.lease_s), "--max-attempts", str(config.max_attempts),
-        "--storage", config.storage, "--log-level", log_level, "--log-format", log_format,
-        "--previews", str(engine.preview_every), "--sp", str(engine.sp),
-    ]  # fmt: skip
-    if engine.cfg_parallel:
-        argv.append("--cfg-parallel")
-    if engine.weights_dir is not None:
-        argv += ["--weights", str(engine.weights_dir)]
-    if engine.fp8:
-        argv.append("--fp8")
-    if engine.compile:
-        argv.append("--compile")
-    if config.s3_bucket:
-        argv += ["--s3-bucket", config.s3_bucket]
-    if config.s3_endpoint_url:
-        argv += ["--s3-endpoint-url", config.s3_endpoint_url]
-    return argv
+    from dataclasses import replace
+
+    from ovi_server import settings
+
+    queue = config.queue or f"sqlite:///{config.data_dir / 'jobs.sqlite3'}"
+    config = replace(config, engine=replace(config.engine, device=device), queue=queue)
+    return [sys.executable, "-m", "ovi_server.cli", "worker", *settings.to_argv(config, "worker")]
 
 
 def _term_with_parent() -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ovi_server.cli import build_parser, build_server_config, check_auth
+from ovi_server.cli import build_parser, build_server_config
+from ovi_server.commands import check_auth
 from ovi_server.config import ServerConfig
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ovi_server.cli import build_parser, build_server_config, main
-from ovi_server.config import EngineConfig, ServerConfig
+from ovi_server.config import EngineConfig, LogConfig, ServerConfig
 from ovi_server.jobs.supervisor import Supervisor, WorkerSlot, worker_argv, worker_devices, worker_slots
 
 
@@ -56,12 +56,12 @@ def test_a_worker_command_line_carries_the_server_settings(tmp_path: Path):
         storage="s3",
         s3_bucket="b",
         s3_endpoint_url="http://127.0.0.1:9000",
+        log=LogConfig(level="debug", format="json"),
     )
-    argv = worker_argv(config, "cuda:1", "debug", "json")
+    argv = worker_argv(config, "cuda:1")
     assert argv[:4] == [sys.executable, "-m", "ovi_server.cli", "worker"]
     args = build_parser().parse_args(argv[3:])
     assert build_server_config(args) == replace(config, engine=replace(config.engine, device="cuda:1"))
-    assert (args.log_level, args.log_format) == ("debug", "json")
 
 
 def test_a_worker_that_dies_is_restarted_and_stop_ends_it(tmp_path: Path):
