@@ -48,13 +48,10 @@ def parse_resolution(value: str) -> tuple[int, int]:
 
 
 def parse_size(text: str, name: str = "resolution") -> tuple[int, int]:
-    """ "WIDTHxHEIGHT" (any size; the CLI's and the benchmark's --resolution) -> (width, height)."""
+    """The CLI's and the benchmark's --resolution: "WIDTHxHEIGHT" (any size) -> (width, height)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match or min(int(match.group(1)), int(match.group(2))) < 32:
-        raise InvalidInput(
-            name,
-            f"{text!r}: expected WIDTHxHEIGHT with sides of 32 pixels or more, e.g. {DEFAULT_RESOLUTION}",
-        )
+    if not match:
+        raise InvalidInput(name, f"{text!r}: expected WIDTHxHEIGHT, e.g. {DEFAULT_RESOLUTION}")
     return int(match.group(1)), int(match.group(2))
 
 
