@@ -15,15 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 from diffusers.hooks.context_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from torch import Tensor
+from torch import Tensor, nn
 
 from ovi_server.config import DiTConfig, dit_config
 from ovi_server.models.loading import load_checkpoint, meta_device
 from ovi_server.models.wan_dit import Tokens, WanDiT
 from ovi_server.placement import Placement
+
+# The layer types whose weights diffusers' layerwise casting stores in low precision: our own copy of
+# diffusers' private `hooks._common._GO_LC_SUPPORTED_PYTORCH_LAYERS` (0.42), so an upgrade cannot break the
+# import; tests/models check that an fp8 load keeps exactly these layers' weights in fp8.
+CASTABLE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.Embedding,
+)  # fmt: skip
 
 # Called after each executed fusion block with (index, video tokens, audio tokens); golden checks use it.
 BlockObserver = Callable[[int, Tokens, Tokens], None]
@@ -168,7 +175,7 @@ def layerwise_cast_params(model: OviFusion) -> set[str]:
     """Names of the parameters `enable_layerwise_casting` stores in low precision (same rule as diffusers)."""
     names = set()
     for module_name, module in model.named_modules():
-        if not isinstance(module, _GO_LC_SUPPORTED_PYTORCH_LAYERS):
+        if not isinstance(module, CASTABLE_LAYERS):
             continue
         if any(re.search(p, module_name) for p in model._skip_layerwise_casting_patterns):
             continue

@@ -9,7 +9,7 @@ from diffusers.hooks import apply_group_offloading
 from ovi_server.config import load_variant
 from ovi_server.engine.device import CPU_FP32
 from ovi_server.golden import run_fusion
-from ovi_server.models.fusion import build_fusion, load_fusion
+from ovi_server.models.fusion import build_fusion, layerwise_cast_params, load_fusion
 from tests.conftest import golden_cases
 
 FULL_PARAMS = 11_660_753_108  # what the reference logs for the real FusionModel
@@ -95,6 +95,9 @@ def test_fp8_layerwise_casting_stays_close(golden_model):
     fp8 = golden_model()
     fp8.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert fp8.video_model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    # Our list of the parameters kept in fp8 (fusion.CASTABLE_LAYERS) is the one diffusers applied.
+    stored = {n for n, p in fp8.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert stored == layerwise_cast_params(golden_model()) and len(stored) > 10
     video, audio = fp8(*args)
     for out, ref in ((video[0], reference_video[0]), (audio[0], reference_audio[0])):
         rel = (out - ref).norm() / ref.norm()
