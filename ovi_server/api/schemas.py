@@ -13,10 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ovi_server.config import SamplingDefaults
 from ovi_server.errors import InvalidInput
 from ovi_server.jobs.store import FailureKind, FieldError, Job, JobFailure, JobStatus, LogLine
 from ovi_server.prompt import MAX_PROMPT_CHARS, validate_prompt
 from ovi_server.request import GenerationRequest
+from ovi_server.shapes import DEFAULT_RESOLUTION, FAL_RESOLUTIONS
 
 TEXT_TO_VIDEO = "fal-ai/ovi"
 IMAGE_TO_VIDEO = "fal-ai/ovi/image-to-video"
@@ -24,7 +26,8 @@ IMAGE_TO_VIDEO = "fal-ai/ovi/image-to-video"
 APP_ROOT = "fal-ai/ovi"
 
 MAX_SEED = 2**63 - 1  # the engine's generator takes a signed 64-bit seed
-Resolution = Literal["512x992", "992x512", "960x512", "512x960", "720x720", "448x1120", "1120x448"]
+Resolution = Literal[FAL_RESOLUTIONS]  # type: ignore[valid-type] -- the one list, in shapes.py
+SAMPLING = SamplingDefaults()  # fal's negative prompts are the reference's
 
 
 class OviInput(BaseModel):
@@ -37,12 +40,12 @@ class OviInput(BaseModel):
         "and <ENDAUDCAP>."
     )
     negative_prompt: str = Field(
-        "jitter, bad hands, blur, distortion",
+        SAMPLING.video_negative_prompt,
         max_length=MAX_PROMPT_CHARS,
         description="Negative prompt for video.",
     )
     audio_negative_prompt: str = Field(
-        "robotic, muffled, echo, distorted",
+        SAMPLING.audio_negative_prompt,
         max_length=MAX_PROMPT_CHARS,
         description="Negative prompt for audio.",
     )
@@ -54,7 +57,7 @@ class OviInput(BaseModel):
         description="Random seed (0 ≤ seed < 2^63); a random one is drawn and returned when absent.",
     )
     resolution: Resolution = Field(
-        "992x512", description="Resolution of the generated video (width x height)."
+        DEFAULT_RESOLUTION, description="Resolution of the generated video (width x height)."
     )
 
 
