@@ -248,8 +248,8 @@ def variant_names() -> list[str]:
 
 SERVE = ("serve",)
 QUEUE = ("serve", "worker")  # where jobs and files live
-ENGINE = ("serve", "worker", "generate", "bench")  # how the model runs
-MODEL = (*ENGINE, "weights")  # which model
+ENGINE = ("serve", "worker", "generate", "bench")  # how the model runs (benchmarks.run: "bench")
+CHECKPOINT = ("serve", "worker", "generate", "weights")  # which files (the benchmark draws random weights)
 
 
 def setting(
@@ -309,7 +309,7 @@ class EngineConfig:
         flag="--variant",
         env="OVI_VARIANT",
         help="720x720_5s, 960x960_5s, 960x960_10s, tiny (random weights, CPU demo) or a config path",
-        commands=MODEL,
+        commands=(*ENGINE, "weights"),
         group="model",
     )
     # None: random weights (only allowed for variants with random_weights_seed)
@@ -317,7 +317,7 @@ class EngineConfig:
         flag="--weights",
         env="OVI_WEIGHTS_DIR",
         help="weights directory in the reference's layout, weights/README.md (none: random weights, tiny only)",
-        commands=MODEL,
+        commands=CHECKPOINT,
         group="model",
     )
     # load the fp8 checkpoint and keep Linear weights in fp8 (low-VRAM mode)
@@ -326,7 +326,7 @@ class EngineConfig:
         flag="--fp8",
         env="OVI_FP8",
         help="the fp8 checkpoint (720x720_5s), kept fp8 in memory",
-        commands=MODEL,
+        commands=CHECKPOINT,
         group="model",
     )
     device: str = setting(
