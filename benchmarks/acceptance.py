@@ -48,13 +48,13 @@ from ovi_server.engine.compiling import compile_blocks
 from ovi_server.engine.device import ieee_float32, resolve_placement
 from ovi_server.engine.offload import BlockStreamer
 from ovi_server.engine.pipeline import OviPipeline
-from ovi_server.engine.request import GenerationRequest
 from ovi_server.engine.sampler import Conditioning, Latents, denoise, initial_noise, make_plan
 from ovi_server.errors import ConfigError
 from ovi_server.media.mux import probe
 from ovi_server.media.video_vae import decode_memory_estimate
 from ovi_server.models.fp8 import apply_fp8_weights
 from ovi_server.models.fusion import layerwise_cast_params
+from ovi_server.request import GenerationRequest
 from ovi_server.shapes import GenerationShape, t2v_shape
 
 RESULTS = REPO_ROOT / "benchmarks" / "RESULTS.md"

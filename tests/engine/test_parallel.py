@@ -140,8 +140,8 @@ def test_layouts_the_host_or_model_cannot_run_say_what_to_change():
 def test_a_cancelled_request_stops_every_rank_and_the_next_one_runs(tmp_path):
     from ovi_server.config import EngineConfig
     from ovi_server.engine.pipeline import OviPipeline
-    from ovi_server.engine.request import GenerationRequest
     from ovi_server.errors import Cancelled
+    from ovi_server.request import GenerationRequest
 
     pipeline = OviPipeline.from_config(EngineConfig(variant="tiny", device="cpu", sp=2))
     request = GenerationRequest(prompt="A cat says <S>hi<E> Audio: purr", seed=1)

@@ -7,9 +7,9 @@ import torch
 
 from ovi_server.config import EngineConfig
 from ovi_server.engine.pipeline import OviPipeline
-from ovi_server.engine.request import GenerationRequest
 from ovi_server.errors import Cancelled, InvalidInput, WeightsError
 from ovi_server.media.mux import probe
+from ovi_server.request import GenerationRequest
 
 PROMPT = "A cat says <S>hello<E> Audio: purring"
 

@@ -11,7 +11,7 @@ from PIL import Image
 from ovi_server.config import EngineConfig
 from ovi_server.engine.pipeline import OviPipeline
 from ovi_server.engine.preview import WAN22_LATENT_RGB, WAN22_LATENT_RGB_BIAS, latents_to_rgb, preview_png
-from ovi_server.engine.request import GenerationRequest
+from ovi_server.request import GenerationRequest
 
 
 def _image(png: bytes) -> Image.Image:

@@ -6,7 +6,7 @@ import logging
 
 from ovi_server.config import EngineConfig
 from ovi_server.engine.pipeline import OviPipeline
-from ovi_server.engine.request import GenerationRequest
+from ovi_server.request import GenerationRequest
 
 
 def test_size_is_explained_at_start_up_and_warned_once_per_size(tmp_path, caplog):

@@ -33,8 +33,8 @@ def test_loop_golden_on_cuda_fp32(case):
 
 def test_tiny_pipeline_in_bf16_on_cuda(tmp_path):
     from ovi_server.engine.pipeline import OviPipeline
-    from ovi_server.engine.request import GenerationRequest
     from ovi_server.media.mux import probe
+    from ovi_server.request import GenerationRequest
 
     pipeline = OviPipeline.from_config(EngineConfig(variant="tiny", device="cuda", dtype="bf16"))
     clip = pipeline.generate(
@@ -74,8 +74,8 @@ def test_block_offload_on_cuda_matches_the_resident_model_with_less_memory():
 
 def test_tiny_pipeline_with_block_offload_on_cuda(tmp_path):
     from ovi_server.engine.pipeline import OviPipeline
-    from ovi_server.engine.request import GenerationRequest
     from ovi_server.media.mux import probe
+    from ovi_server.request import GenerationRequest
 
     pipeline = OviPipeline.from_config(
         EngineConfig(variant="tiny", device="cuda", dtype="bf16", offload="block")
