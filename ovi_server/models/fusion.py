@@ -26,7 +26,7 @@ from ovi_server.placement import Placement
 
 # The layer types whose weights diffusers' layerwise casting stores in low precision: our own copy of
 # diffusers' private `hooks._common._GO_LC_SUPPORTED_PYTORCH_LAYERS` (0.42), so an upgrade cannot break the
-# import; tests/models check that an fp8 load keeps exactly these layers' weights in fp8.
+# import; tests/models/test_fusion.py checks it names what `enable_layerwise_casting` stores in fp8.
 CASTABLE_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
     nn.Embedding,
