@@ -3,7 +3,6 @@ connects to the address it checked, and that TLS still verifies the URL's name."
 
 from __future__ import annotations
 
-import datetime as dt
 import http.server
 import ipaddress
 import socket
@@ -14,10 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from ovi_server.outbound import (
     REFUSED_MESSAGE,
@@ -27,6 +22,7 @@ from ovi_server.outbound import (
     is_public,
     parse_networks,
 )
+from tests.clients.live import make_self_signed_cert
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):
@@ -105,31 +101,8 @@ def test_connects_to_the_address_it_checked(port: int, monkeypatch: pytest.Monke
     assert policy.fetch(f"http://rebind.test:{port}/x") == f"host=rebind.test:{port}".encode()
 
 
-def _certificate_for_localhost(directory: Path) -> tuple[Path, Path]:
-    """A certificate naming only the DNS name `localhost` (no IP address)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 def test_tls_verifies_the_name_while_connecting_to_the_checked_address(tmp_path: Path):
-    cert, key = _certificate_for_localhost(tmp_path)
+    cert, key = make_self_signed_cert(tmp_path, with_ip=False)  # names only the DNS name
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     servers = _serve("127.0.0.1", server_tls)

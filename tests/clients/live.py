@@ -42,8 +42,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost and 127.0.0.1 (trusted by the tests through SSL_CERT_FILE)."""
+def make_self_signed_cert(directory: Path, with_ip: bool = True) -> tuple[Path, Path]:
+    """A certificate for localhost and, `with_ip`, 127.0.0.1 (trusted by the tests through SSL_CERT_FILE)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = dt.datetime.now(dt.UTC)
@@ -57,7 +57,8 @@ def make_self_signed_cert(directory: Path) -> tuple[Path, Path]:
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [x509.DNSName("localhost")]
+                + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if with_ip else [])
             ),
             critical=False,
         )
