@@ -36,6 +36,14 @@ KEY_ID, KEY_SECRET = "client-test", "s3cret"
 KEY = f"{KEY_ID}:{KEY_SECRET}"
 
 
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

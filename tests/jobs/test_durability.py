@@ -13,11 +13,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
-from clients.live import REPO, LiveServer, check_mp4, start_server
+from clients.live import REPO, LiveServer, check_mp4, start_server, wait_for
 
 T2V = "/fal-ai/ovi"
 
@@ -27,13 +26,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live = start_server(tmp_path_factory.mktemp("durability"), "--workers", "1", "--lease-seconds", "2")
     yield live
     live.stop()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def running_ids(server: LiveServer) -> set[str]:

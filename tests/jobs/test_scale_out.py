@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from clients.live import REPO, LiveServer, Receiver, check_mp4, start_server
+from clients.live import REPO, LiveServer, Receiver, check_mp4, start_server, wait_for
 from clients.redis_server import RedisServer
 
 T2V = "/fal-ai/ovi"
@@ -41,13 +41,6 @@ def receiver() -> Iterator[Receiver]:
     hook = Receiver()
     yield hook
     hook.close()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def status(http: httpx.Client, rid: str) -> dict:
