@@ -187,6 +187,7 @@ def _run(name: str, args: argparse.Namespace, item: Callable[[], Result | list[R
     if any(s in name for s in args.skip):
         return [Result(name, "SKIP", note="--skip")]
     started = time.perf_counter()
+    print(f"... {name}", file=sys.stderr, flush=True)  # which item a run cut short was in
     try:
         results = item()
     except Skip as reason:

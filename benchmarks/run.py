@@ -529,7 +529,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _git(*args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    """Empty answers and a host without git (a GPU box given a copy of the tree) read "unknown"."""
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    except OSError:
+        return "unknown"
     return done.stdout.strip() or "unknown"
 
 
