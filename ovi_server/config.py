@@ -296,6 +296,15 @@ def previews_every(text: str | int) -> int:
     return int(word)
 
 
+def on_off_auto(text: str | bool) -> str:
+    """auto, on or off; the yes/no spellings of a switch (OVI_COMPILE=1, true) read as on/off."""
+    word = str(text).strip().lower()
+    word = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(word, word)
+    if word not in ("auto", "on", "off"):
+        raise ValueError(f"expected auto, on or off, got {text!r}")
+    return word
+
+
 def origin(text: str) -> str:
     return str(text).rstrip("/")
 
@@ -361,13 +370,18 @@ class EngineConfig:
         commands=("serve", "worker", "generate"),
         group="model",
     )
-    compile: bool = setting(
-        False,
+    # torch.compile of the fusion blocks (engine/compiling.py); "auto": on where it was measured faster
+    # (one CUDA device, resident weights: 1.21x per step on an H200, benchmarks/RESULTS.md), compiled
+    # and warmed up at start-up so that no request pays for it
+    compile: Literal["auto", "on", "off"] = setting(
+        "auto",
         flag="--compile",
         env="OVI_COMPILE",
-        help="torch.compile the fusion blocks",
+        help="torch.compile the fusion blocks: auto (on for one CUDA device without --fp8, --offload or "
+        "--sp/--cfg-parallel; compiled at start-up), on, off",
         commands=ENGINE,
         group="model",
+        parse=on_off_auto,
     )
     # Spatially tiled VAE decode: bounded memory, not bit-exact at tile seams. "auto": only when an
     # estimate of the untiled decode exceeds the device's free memory (never on the CPU).

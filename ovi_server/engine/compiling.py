@@ -24,6 +24,17 @@ logger = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 32
 
 
+def wants_compile(setting: str, device: torch.device, fp8: bool, offload: str, parallel: bool) -> bool:
+    """--compile auto|on|off -> whether to compile. auto: only where compiling was measured faster and
+    works without graph breaks: one CUDA device, resident bf16 weights (not --fp8, --offload, --sp)."""
+    if setting == "on":
+        check_compile(fp8)
+        return True
+    if setting == "off":
+        return False
+    return device.type == "cuda" and not fp8 and offload == "none" and not parallel
+
+
 def check_compile(fp8: bool) -> None:
     """fp8 storage swaps weights around every Linear call: under torch.compile each is a graph break."""
     if fp8:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.attention_check import check_attention_backend
-from ovi_server.engine.compiling import check_compile, compile_blocks
+from ovi_server.engine.compiling import check_compile, compile_blocks, wants_compile
 from ovi_server.engine.device import (
     Placement,
     free_memory,
@@ -63,7 +63,7 @@ from ovi_server.media.video_vae import (
 )
 from ovi_server.models.fusion import OviFusion, build_fusion, load_fusion
 from ovi_server.models.loading import init_random_
-from ovi_server.models.t5 import TextEncoder, load_text_encoder, random_text_encoder
+from ovi_server.models.t5 import TextEncoder, build_umt5, load_text_encoder, random_text_encoder
 from ovi_server.prompt import format_prompt, validate_prompt
 from ovi_server.request import (
     MAX_RANDOM_SEED,
@@ -113,6 +113,8 @@ class OviPipeline:
         self.parallel = parallel  # the ranks this request runs on (rank 0 here); None: this process alone
         self.cfg, self.placement = cfg, placement
         self.vae_tiling = vae_tiling  # "auto": tiled only when an untiled decode would not fit (plan_tiling)
+        self.compiled = False  # the fusion blocks run through torch.compile (--compile)
+        self.warm_up_s = 0.0  # seconds the start-up compile took (warm_up)
         self._text_cache: OrderedDict[str, Tensor] = OrderedDict()
         self._sizes_warned: set[tuple[int, int]] = set()  # the area warning is given once per size
         self.fusion, self.text_encoder = fusion, text_encoder
@@ -135,8 +137,8 @@ class OviPipeline:
         ranks, which load only the fusion model (`parallel` is their group) and follow its requests.
         """
         cfg = load_variant(engine.variant)
-        if engine.compile:
-            check_compile(engine.fp8)
+        if engine.compile == "on":
+            check_compile(engine.fp8)  # before minutes of loading
         placement = resolve_placement(
             engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8
         )
@@ -169,12 +171,13 @@ class OviPipeline:
             for name in ("fusion", "text_encoder", "video_vae", "audio_decoder")
         }
         started = time.monotonic()
-        if engine.weights_dir is None:
-            if cfg.random_weights_seed is None:
-                raise WeightsError(
-                    f"variant {cfg.name} needs its checkpoints: pass --weights DIR "
-                    f"(`ovi-server weights download --variant {cfg.name}` fetches them)"
-                )
+        random = engine.weights_dir is None
+        if random and cfg.random_weights_seed is None:
+            raise WeightsError(
+                f"variant {cfg.name} needs its checkpoints: pass --weights DIR "
+                f"(`ovi-server weights download --variant {cfg.name}` fetches them)"
+            )
+        if random:
             seed = cfg.random_weights_seed
             logger.warning(
                 "variant %s runs with RANDOM weights (seed %d): output is noise, for tests/demos",
@@ -182,25 +185,34 @@ class OviPipeline:
                 seed,
             )
             fusion = init_random_(build_fusion(cfg.video, cfg.audio), home["fusion"], seed)
-            if leader:  # the other ranks only denoise
-                text_encoder = random_text_encoder(cfg.text_encoder, None, home["text_encoder"], seed + 1)
+        else:
+            files = weights.paths(Path(engine.weights_dir), cfg, engine.fp8)
+            fusion = load_fusion(files["fusion"], cfg.video, cfg.audio, home["fusion"], keep_fp8=engine.fp8)
+        text_encoder = video_vae = audio_decoder = None
+        if leader:  # the other ranks only denoise
+            if random:
                 video_vae = random_video_vae(cfg.video_vae, home["video_vae"], seed + 2)
                 audio_decoder = random_audio_decoder(
                     cfg.audio_vae, cfg.vocoder, home["audio_decoder"], seed + 3
                 )
-        else:
-            files = weights.paths(Path(engine.weights_dir), cfg, engine.fp8)
-            fusion = load_fusion(files["fusion"], cfg.video, cfg.audio, home["fusion"], keep_fp8=engine.fp8)
-            if leader:
-                text_encoder = load_text_encoder(
-                    files["t5"], files["tokenizer"], cfg.text_encoder, home["text_encoder"]
-                )
+            else:
                 video_vae = load_video_vae(files["video_vae"], cfg.video_vae, home["video_vae"])
                 audio_decoder = load_audio_decoder(
                     files["audio_vae"], files["vocoder"], cfg.audio_vae, cfg.vocoder, home["audio_decoder"]
                 )
-        if not leader:
-            text_encoder = video_vae = audio_decoder = None  # type: ignore[assignment]
+            # decided before the text encoder exists, so that it loads straight into its home
+            if "text_encoder" in visitors and placement.offload == "none":
+                models = sum(map(module_bytes, (fusion, video_vae, audio_decoder)))
+                text_bytes = meta_bytes(build_umt5(cfg.text_encoder), placement.dtype)
+                if text_encoder_fits(cfg, models + text_bytes, total_memory(placement.device)):
+                    home["text_encoder"] = placement
+                    visitors = visitors - {"text_encoder"}
+            if random:
+                text_encoder = random_text_encoder(cfg.text_encoder, None, home["text_encoder"], seed + 1)
+            else:
+                text_encoder = load_text_encoder(
+                    files["t5"], files["tokenizer"], cfg.text_encoder, home["text_encoder"]
+                )
         try:  # the backend is checked here, at start-up, never inside a block
             fusion.set_attention_backend(placement.attention)
         except (ValueError, RuntimeError, ImportError) as exc:
@@ -211,12 +223,10 @@ class OviPipeline:
             parallel.apply(fusion)  # sequence parallelism: after the backend is set, before compile
         if placement.offload == "block":
             BlockStreamer(fusion, placement.device)
-        if leader and "text_encoder" in visitors and placement.offload == "none":
-            models = (fusion, text_encoder, video_vae, audio_decoder)
-            if text_encoder_fits(cfg, sum(map(module_bytes, models)), total_memory(placement.device)):
-                text_encoder.to(placement.device)
-                visitors = visitors - {"text_encoder"}
-        if engine.compile:
+        compiled = wants_compile(
+            engine.compile, placement.device, engine.fp8, placement.offload, parallel is not None
+        )
+        if compiled:
             compile_blocks(fusion)
         logger.info("%s", size_note(cfg.name, cfg.video_area))
         logger.info(
@@ -228,7 +238,7 @@ class OviPipeline:
             placement.offload,
             time.monotonic() - started,
         )
-        return cls(
+        pipe = cls(
             cfg,
             placement,
             fusion,
@@ -239,6 +249,30 @@ class OviPipeline:
             parallel,
             engine.vae_tiling,
         )
+        pipe.compiled = compiled
+        if compiled and leader:
+            pipe.warm_up()
+        return pipe
+
+    def warm_up(self) -> None:
+        """Compiles the fusion blocks before the first request: one denoising step at the variant's
+        square size and one at fal's default 992x512 (scaled to the variant's area). The second token
+        count makes every graph's token dimension dynamic, so other resolutions reuse them
+        (engine/compiling.py; tests/engine/test_compiling.py)."""
+        started = time.monotonic()
+        cfg, device, dtype = self.cfg, self.placement.device, self.placement.dtype
+        side = round(math.sqrt(cfg.video_area))
+        for width, height in ((side, side), WARM_UP_SIZE):
+            req = self.resolve(GenerationRequest(WARM_UP_PROMPT, size=(width, height), steps=1, seed=0))
+            shape = t2v_shape(height, width, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
+            noise = initial_noise(shape.video_latent_shape, shape.audio_latent_shape, 0, device, dtype)
+            contexts = self.encode_prompts([req.prompt, req.video_negative_prompt, req.audio_negative_prompt])
+            plan = make_plan(req.solver, 1, req.shift, req.guidance, device)
+            with torch.inference_mode(), self._on_device("fusion") as fusion:
+                denoise(fusion, noise, Conditioning(*contexts), plan)
+        synchronize(device)
+        self.warm_up_s = time.monotonic() - started
+        logger.info("fusion blocks compiled and warmed up in %.1fs", self.warm_up_s)
 
     def close(self) -> None:
         """Lets the other ranks of a parallel pipeline exit; nothing to do for a single process."""
@@ -370,7 +404,9 @@ class OviPipeline:
             with self._on_device("video_vae") as video_vae:
                 self._plan_tiling(video_vae, tuple(latents.video[None].shape))
                 # [3, T, H, W] float32 in [-1, 1] -> uint8 on the device: 4x less to copy to the host
-                video = video_to_uint8(video_vae.decode(latents.video[None])[0]).cpu()
+                # uint8 and frames-last on the device: the host gets 0.18 GB ready for the encoder
+                video = video_to_uint8(video_vae.decode(latents.video[None])[0])
+                video = video.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
             on_progress(Progress("decode", 1, 2))
             with self._on_device("audio_decoder") as audio_decoder:
                 waveform = audio_decoder.decode(latents.audio.T[None])[0]  # [N] at 16 kHz
@@ -384,10 +420,11 @@ class OviPipeline:
                 waveform.float().cpu(),
                 fps=cfg.fps,
                 sample_rate=self.audio_decoder.sample_rate,
+                layout="thwc",
             )
             on_progress(Progress("mux", 1, 1))
 
-        num_frames = video.shape[1]
+        num_frames = video.shape[0]
         return Clip(
             path=Path(path),
             seed=req.seed,
@@ -451,6 +488,10 @@ def _follow(group: ParallelGroup, engine: EngineConfig) -> None:
     group.follow(pipeline.fusion)
 
 
+WARM_UP_PROMPT = "A warm-up."  # any prompt compiles the same graphs
+WARM_UP_SIZE = (992, 512)  # fal's default request, a second token count beside the variant's square
+
+
 def visiting_modules(placement: Placement) -> frozenset[str]:
     """Models loaded into host memory that visit the device only for their stage.
 
@@ -504,6 +545,15 @@ def text_encoder_fits(cfg: OviConfig, model_bytes: int, total_bytes: int | None)
 
 def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def meta_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """What a meta-built module will take once its floating tensors are materialised in `dtype`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        t.numel() * (size if t.is_floating_point() else t.element_size())
+        for t in (*module.parameters(), *module.buffers())
+    )
 
 
 @contextmanager

@@ -92,6 +92,10 @@ def _encode(
         video_stream.width, video_stream.height = frames.shape[2], frames.shape[1]
         video_stream.pix_fmt = "yuv420p"
         video_stream.options = {"crf": str(crf), "preset": preset}
+        # x264's frame threads (one per core): PyAV's default asks for slice threads, which scale worse
+        # (4.5 s for 121 frames of 992x512 on 16 cores, benchmarks/RESULTS.md); same quality settings
+        video_stream.codec_context.thread_type = "FRAME"
+        video_stream.codec_context.thread_count = 0  # auto
         audio_stream = None
         if waveform is not None:
             audio_stream = container.add_stream("aac", rate=sample_rate, layout="mono")

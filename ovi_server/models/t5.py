@@ -286,7 +286,10 @@ def random_text_encoder(
         tokenizer = ByteTokenizer(config.vocab_size)
     elif isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)
-    umt5 = init_random_(build_umt5(config), placement, seed)
+    umt5 = build_umt5(config)
+    umt5.encoder.embed_tokens = None  # as in load_umt5: one table (2 GiB for umt5-xxl), then shared
+    init_random_(umt5, placement, seed)
+    umt5.encoder.embed_tokens = umt5.shared
     return TextEncoder(umt5, tokenizer, config, placement)
 
 

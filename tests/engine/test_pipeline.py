@@ -192,6 +192,23 @@ def test_text_encoder_stays_on_the_device_when_everything_fits():
     assert not text_encoder_fits(cfg, models, None)  # the CPU: nothing visits anyway
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_text_encoder_size_is_known_before_it_is_built(dtype):
+    """from_config decides where umt5 lives from a meta build, then loads it straight there."""
+    from ovi_server.config import load_variant
+    from ovi_server.engine.device import Placement
+    from ovi_server.engine.pipeline import meta_bytes, module_bytes
+    from ovi_server.models.t5 import build_umt5, random_text_encoder
+
+    cfg = load_variant("tiny").text_encoder
+    built = random_text_encoder(cfg, None, Placement(torch.device("cpu"), dtype), 0)
+    assert built.umt5.shared.weight is built.umt5.encoder.embed_tokens.weight  # one table, not two
+    assert meta_bytes(build_umt5(cfg), dtype) == module_bytes(built.umt5) > 0
+    # umt5-xxl in bf16: 10.6 GiB, the figure the residency decision uses on a GPU
+    xxl = meta_bytes(build_umt5(load_variant("720x720_5s").text_encoder), torch.bfloat16) / 2**30
+    assert 10.4 < xxl < 10.8
+
+
 def test_a_backend_without_float32_kernels_is_refused_at_start_up():
     """PyTorch's flash SDPA (diffusers' `_native_flash`) imports on any host but takes only bf16/fp16:
     the server must refuse it for float32 at start-up, not fail every request."""
