@@ -631,7 +631,8 @@ def _step_time(ctx: Context, size: tuple[int, int]) -> float:
     ctx.sync()
     marks.append(time.perf_counter())
     with torch.inference_mode():
-        denoise(ctx.pipe.fusion, noise, Conditioning(positive, video_negative, audio_negative), plan, on_step)
+        cond = Conditioning(positive, video_negative, audio_negative)
+        denoise(ctx.pipe.fusion, noise, cond, plan, on_step, ctx.pipe.predict)
     steps = [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]
     return summarize(steps)["p50_s"]
 

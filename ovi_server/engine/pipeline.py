@@ -45,8 +45,11 @@ from ovi_server.engine.sampler import (
     Conditioning,
     Guidance,
     Latents,
+    Predict,
     StepCallback,
+    batched_predict,
     denoise,
+    guided_predict,
     initial_noise,
     make_plan,
 )
@@ -109,7 +112,9 @@ class OviPipeline:
         visitors: frozenset[str] = frozenset(),
         parallel: ParallelGroup | None = None,
         vae_tiling: str = "auto",
+        predict: Predict = guided_predict,
     ):
+        self.predict = predict  # each denoising step's guidance: guided_predict or batched_predict
         self.parallel = parallel  # the ranks this request runs on (rank 0 here); None: this process alone
         self.cfg, self.placement = cfg, placement
         self.vae_tiling = vae_tiling  # "auto": tiled only when an untiled decode would not fit (plan_tiling)
@@ -238,6 +243,7 @@ class OviPipeline:
             visitors,
             parallel,
             engine.vae_tiling,
+            choose_predict(engine.batch_guidance, parallel),
         )
 
     def close(self) -> None:
@@ -348,7 +354,7 @@ class OviPipeline:
             on_progress(Progress("denoise", 0, req.steps))
             on_step = _denoise_progress(on_progress)
             if self.parallel is None:
-                latents = denoise(fusion, noise, cond, plan, on_step)
+                latents = denoise(fusion, noise, cond, plan, on_step, self.predict)
             else:  # every rank denoises; the text contexts travel with the job, encoded once here
                 job = DenoiseJob(
                     Latents(noise.video.cpu(), noise.audio.cpu()),
@@ -465,6 +471,21 @@ def visiting_modules(placement: Placement) -> frozenset[str]:
     if placement.offload == "block":
         return frozenset({"text_encoder", "video_vae", "audio_decoder"})
     return frozenset({"text_encoder"})
+
+
+def choose_predict(batch_guidance: str, parallel: ParallelGroup | None) -> Predict:
+    """--batch-guidance: "on" runs both guidance passes as one batch-2 forward; "auto" is off until a GPU
+    A/B measurement says where it pays. A parallel group has its own guidance (engine/parallel.py)."""
+    if batch_guidance != "on":
+        return guided_predict
+    if parallel is not None:
+        logger.warning(
+            "--batch-guidance on is ignored with --sp/--cfg-parallel: the parallel ranks run the two "
+            "guidance passes themselves"
+        )
+        return guided_predict
+    logger.info("batched guidance: the positive and negative passes run as one batch-2 forward")
+    return batched_predict
 
 
 def _denoise_progress(on_progress: ProgressCallback) -> StepCallback:
