@@ -14,6 +14,7 @@ is rewritten after every item, so a run cut short still leaves what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -49,7 +50,16 @@ from ovi_server.engine.compiling import compile_blocks
 from ovi_server.engine.device import ieee_float32, resolve_placement
 from ovi_server.engine.offload import BlockStreamer
 from ovi_server.engine.pipeline import OviPipeline
-from ovi_server.engine.sampler import Conditioning, Latents, denoise, initial_noise, make_plan
+from ovi_server.engine.sampler import (
+    Conditioning,
+    Latents,
+    Predict,
+    batched_predict,
+    denoise,
+    guided_predict,
+    initial_noise,
+    make_plan,
+)
 from ovi_server.errors import ConfigError
 from ovi_server.media.mux import probe
 from ovi_server.media.video_vae import decode_memory_estimate
@@ -586,6 +596,46 @@ def compile_step(ctx: Context) -> Result:
     )
 
 
+def batch_guidance(ctx: Context) -> Result:
+    """Both guidance passes as one batch-2 forward (--batch-guidance) against two forwards: the same
+    prediction, and the step time of each, compiled (where the pipeline is) and eager."""
+    size = STEP_SIZE if ctx.cuda else None
+    shape = _shape(ctx, size)
+    noise = initial_noise(shape.video_latent_shape, shape.audio_latent_shape, 0, ctx.device, ctx.dtype)
+    cond = Conditioning(*_contexts(ctx))
+    guidance = ctx.pipe.resolve(GenerationRequest(PROMPT)).guidance
+    t = torch.tensor(999.0, device=ctx.device)
+    with torch.inference_mode():
+        two = guided_predict(ctx.pipe.fusion, noise, t, cond, guidance)
+        one = batched_predict(ctx.pipe.fusion, noise, t, cond, guidance)
+    distance = _relative([x.float() for x in one], [x.float() for x in two])
+    tolerance = BF16_AGREEMENT if ctx.dtype != torch.float32 else FP32_AGREEMENT
+    times, peaks = {}, {}
+    for name, predict in (("two-pass", guided_predict), ("batched", batched_predict)):
+        for stance in ("compiled", "eager") if ctx.pipe.compiled else ("eager",):
+            if ctx.cuda:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            with _eager() if stance == "eager" else contextlib.nullcontext():
+                times[f"{name} {stance}"] = _step_time(
+                    ctx, size or ctx.pipe.resolve(GenerationRequest(PROMPT)).size, predict
+                )
+            if ctx.cuda:
+                peaks[f"{name} {stance}"] = torch.cuda.max_memory_allocated(ctx.device) / GB
+    stance = "compiled" if ctx.pipe.compiled else "eager"
+    batched, two_pass = times[f"batched {stance}"], times[f"two-pass {stance}"]
+    note = ", ".join(f"{k} {v:.3f} s" for k, v in times.items())
+    if peaks:
+        note += "; peak " + ", ".join(f"{k} {v:.1f} GB" for k, v in peaks.items())
+    return Result(
+        "",
+        "PASS" if distance <= tolerance else "FAIL",
+        f"{batched:.2f} s ({two_pass / batched:.2f}x two-pass, {stance})",
+        f"same prediction: rel. L2 <= {tolerance:.0e}",
+        f"rel. L2 {distance:.1e}; {note}",
+        data={"relative_l2": distance, "step_s": times, "peak_gb": peaks},
+    )
+
+
 def _in_eager(item: Callable[[Context], Any]) -> Callable[[Context], Any]:
     """Items about configurations the server runs uncompiled (--offload, --fp8: --compile auto is off)."""
 
@@ -641,6 +691,7 @@ ITEMS: list[tuple[str, Callable[[Context], Result | list[Result]]]] = [
     ("attention backends", attention_backends),
     ("bf16 drift vs reference", bf16_drift),
     ("step vs reference", step_vs_reference),
+    ("batch guidance: step time", batch_guidance),
     ("offload block: output", _in_eager(offload_block)),
     ("compile: step time", compile_step),
     ("fp8: peak memory", _in_eager(fp8_storage)),
@@ -688,8 +739,9 @@ def _relative(ours: Sequence[Tensor], truth: Sequence[Tensor]) -> float:
     )
 
 
-def _step_time(ctx: Context, size: tuple[int, int]) -> float:
-    """Median seconds of a denoising step (both guidance passes + solver) after a warm-up step."""
+def _step_time(ctx: Context, size: tuple[int, int], predict: Predict | None = None) -> float:
+    """Median seconds of a denoising step (both guidance passes + solver) after a warm-up step, with the
+    pipeline's guidance unless `predict` names another."""
     shape = _shape(ctx, size)
     noise = initial_noise(shape.video_latent_shape, shape.audio_latent_shape, 0, ctx.device, ctx.dtype)
     positive, video_negative, audio_negative = _contexts(ctx)
@@ -704,7 +756,8 @@ def _step_time(ctx: Context, size: tuple[int, int]) -> float:
     ctx.sync()
     marks.append(time.perf_counter())
     with torch.inference_mode():
-        denoise(ctx.pipe.fusion, noise, Conditioning(positive, video_negative, audio_negative), plan, on_step)
+        cond = Conditioning(positive, video_negative, audio_negative)
+        denoise(ctx.pipe.fusion, noise, cond, plan, on_step, predict or ctx.pipe.predict)
     steps = [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]
     return summarize(steps)["p50_s"]
 

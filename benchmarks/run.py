@@ -32,7 +32,14 @@ from ovi_server import settings
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.device import resolve_placement
 from ovi_server.engine.pipeline import OviPipeline
-from ovi_server.engine.sampler import Conditioning, Latents, denoise, initial_noise, make_plan
+from ovi_server.engine.sampler import (
+    Conditioning,
+    Latents,
+    batched_predict,
+    denoise,
+    initial_noise,
+    make_plan,
+)
 from ovi_server.errors import OviError
 from ovi_server.models.fusion import build_fusion, load_fusion
 from ovi_server.request import GenerationRequest, Progress
@@ -96,7 +103,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     engine = settings.load(args, "bench", BENCH_DEFAULTS).engine
-    for name in ("variant", "device", "dtype", "attention", "compile", "sp", "cfg_parallel"):
+    for name in (
+        "variant",
+        "device",
+        "dtype",
+        "attention",
+        "compile",
+        "sp",
+        "cfg_parallel",
+        "batch_guidance",
+    ):
         setattr(args, name, getattr(engine, name))
     return args
 
@@ -149,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
             compile=args.compile,
             sp=args.sp,
             cfg_parallel=args.cfg_parallel,
+            batch_guidance=args.batch_guidance,
         )
         started = time.perf_counter()
         pipe = OviPipeline.from_config(engine)
@@ -175,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         "compile": args.compile,
         "sp": args.sp,
         "cfg_parallel": args.cfg_parallel,
+        "batch_guidance": pipe.predict is batched_predict,
         "steps": steps,
         "seed": args.seed,
         "random_weights": True,
@@ -469,7 +487,7 @@ def compare_with_reference(
         plan = make_plan("unipc", req.steps, req.shift, guidance, placement.device)
         sync()
         clock[0] = time.perf_counter()
-        denoise(pipe.fusion, Latents(noise.video, noise.audio), cond, plan, on_step)
+        denoise(pipe.fusion, Latents(noise.video, noise.audio), cond, plan, on_step, pipe.predict)
         # run the generator to its end so its inference_mode/autocast contexts exit here, not at GC
         if next(reference_steps, None) is not None:
             raise RuntimeError("the reference made more steps than ours")

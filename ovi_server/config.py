@@ -423,6 +423,18 @@ class EngineConfig:
         commands=ENGINE,
         group="model",
     )
+    # Batched guidance: the positive and negative passes of each step as one batch-2 forward instead of
+    # two forwards (engine/sampler.py batched_predict). Same result up to float round-off; twice the
+    # activation memory. "auto" is off until a GPU A/B measurement says where it pays.
+    batch_guidance: Literal["auto", "on", "off"] = setting(
+        "auto",
+        flag="--batch-guidance",
+        env="OVI_BATCH_GUIDANCE",
+        help="both guidance passes as one batch-2 forward: auto (off for now), on, off; "
+        "ignored with --sp/--cfg-parallel",
+        commands=ENGINE,
+        group="model",
+    )
 
 
 @dataclass(frozen=True)

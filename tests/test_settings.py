@@ -30,6 +30,8 @@ KINDS = [
     ("--previews", "OVI_PREVIEWS", "off", "3", "7", lambda c: c.engine.preview_every, (0, 3, 7)),
     ("--variant", "OVI_VARIANT", "720x720_5s", "960x960_5s", "960x960_10s", lambda c: c.engine.variant,
      ("720x720_5s", "960x960_5s", "960x960_10s")),
+    ("--batch-guidance", "OVI_BATCH_GUIDANCE", "on", "off", "on", lambda c: c.engine.batch_guidance,
+     ("on", "off", "on")),
 ]  # fmt: skip
 
 

@@ -45,8 +45,11 @@ from ovi_server.engine.sampler import (
     Conditioning,
     Guidance,
     Latents,
+    Predict,
     StepCallback,
+    batched_predict,
     denoise,
+    guided_predict,
     initial_noise,
     make_plan,
 )
@@ -109,7 +112,9 @@ class OviPipeline:
         visitors: frozenset[str] = frozenset(),
         parallel: ParallelGroup | None = None,
         vae_tiling: str = "auto",
+        predict: Predict = guided_predict,
     ):
+        self.predict = predict  # each denoising step's guidance: guided_predict or batched_predict
         self.parallel = parallel  # the ranks this request runs on (rank 0 here); None: this process alone
         self.cfg, self.placement = cfg, placement
         self.vae_tiling = vae_tiling  # "auto": tiled only when an untiled decode would not fit (plan_tiling)
@@ -248,6 +253,7 @@ class OviPipeline:
             visitors,
             parallel,
             engine.vae_tiling,
+            choose_predict(engine.batch_guidance, parallel),
         )
         pipe.compiled = compiled
         if compiled and leader:
@@ -269,7 +275,7 @@ class OviPipeline:
             contexts = self.encode_prompts([req.prompt, req.video_negative_prompt, req.audio_negative_prompt])
             plan = make_plan(req.solver, 1, req.shift, req.guidance, device)
             with torch.inference_mode(), self._on_device("fusion") as fusion:
-                denoise(fusion, noise, Conditioning(*contexts), plan)
+                denoise(fusion, noise, Conditioning(*contexts), plan, predict=self.predict)
         synchronize(device)
         self.warm_up_s = time.monotonic() - started
         logger.info("fusion blocks compiled and warmed up in %.1fs", self.warm_up_s)
@@ -382,7 +388,7 @@ class OviPipeline:
             on_progress(Progress("denoise", 0, req.steps))
             on_step = _denoise_progress(on_progress)
             if self.parallel is None:
-                latents = denoise(fusion, noise, cond, plan, on_step)
+                latents = denoise(fusion, noise, cond, plan, on_step, self.predict)
             else:  # every rank denoises; the text contexts travel with the job, encoded once here
                 job = DenoiseJob(
                     Latents(noise.video.cpu(), noise.audio.cpu()),
@@ -506,6 +512,21 @@ def visiting_modules(placement: Placement) -> frozenset[str]:
     if placement.offload == "block":
         return frozenset({"text_encoder", "video_vae", "audio_decoder"})
     return frozenset({"text_encoder"})
+
+
+def choose_predict(batch_guidance: str, parallel: ParallelGroup | None) -> Predict:
+    """--batch-guidance: "on" runs both guidance passes as one batch-2 forward; "auto" is off until a GPU
+    A/B measurement says where it pays. A parallel group has its own guidance (engine/parallel.py)."""
+    if batch_guidance != "on":
+        return guided_predict
+    if parallel is not None:
+        logger.warning(
+            "--batch-guidance on is ignored with --sp/--cfg-parallel: the parallel ranks run the two "
+            "guidance passes themselves"
+        )
+        return guided_predict
+    logger.info("batched guidance: the positive and negative passes run as one batch-2 forward")
+    return batched_predict
 
 
 def _denoise_progress(on_progress: ProgressCallback) -> StepCallback:

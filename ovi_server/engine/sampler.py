@@ -117,6 +117,21 @@ def guided_predict(
     return cfg(video_neg, video_pos, guidance.video_scale), cfg(audio_neg, audio_pos, guidance.audio_scale)
 
 
+def batched_predict(
+    model: OviFusion, x: Latents, t: Tensor, cond: Conditioning, guidance: Guidance
+) -> tuple[Tensor, Tensor]:
+    """guided_predict with both passes as one batch-2 forward, [positive, negative] at the same t; block
+    `slg_layer` runs on the positive item only. Equal to guided_predict up to float round-off."""
+    video, audio = model(
+        [x.video, x.video], [x.audio, x.audio], t.reshape(1).expand(2),
+        [cond.positive, cond.video_negative], [cond.positive, cond.audio_negative],
+        first_frame_is_clean=cond.image_latent is not None,
+        slg_layer=guidance.slg_layer, slg_items=(False, True),
+    )  # fmt: skip
+    (video_pos, video_neg), (audio_pos, audio_neg) = video, audio
+    return cfg(video_neg, video_pos, guidance.video_scale), cfg(audio_neg, audio_pos, guidance.audio_scale)
+
+
 # guided_predict's signature: engine/parallel.py has one that runs the two passes on two process groups
 Predict = Callable[[OviFusion, Latents, Tensor, Conditioning, Guidance], tuple[Tensor, Tensor]]
 

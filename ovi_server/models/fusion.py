@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.hooks.context_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -98,6 +99,7 @@ class OviFusion(ModelMixin, ConfigMixin):
         audio_seq_len: int | None = None,
         first_frame_is_clean: bool = False,
         slg_layer: int = 0,
+        slg_items: Sequence[bool] | None = None,
         observer: BlockObserver | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Velocity predictions for a batch of (video, audio) latents.
@@ -108,9 +110,12 @@ class OviFusion(ModelMixin, ConfigMixin):
             video_context / audio_context: per item text embeddings [L_i, text_dim].
             first_frame_is_clean: i2v; the first latent frame's video tokens get t = 0.
             slg_layer: skip-layer guidance; block `slg_layer` of both towers is skipped when > 0.
+            slg_items: per item, whether it skips block `slg_layer` (True) or runs it (False); None: every
+                item skips it. Batched guidance ([positive, negative]) passes (False, True).
         Returns:
             per item video [48, F, H, W] and audio [L, 20] predictions.
         """
+        assert slg_items is None or len(slg_items) == len(video), "one slg_items entry per batch item"
         degree = self.sequence_parallel_degree
         v = self.video_model.embed(video, t, video_context, video_seq_len, first_frame_is_clean, degree)
         a = self.audio_model.embed(audio, t, audio_context, audio_seq_len, multiple_of=degree)
@@ -119,11 +124,29 @@ class OviFusion(ModelMixin, ConfigMixin):
         v, a = self.video_model.shard_tokens(v), self.audio_model.shard_tokens(a)
         for i in range(self.num_blocks):
             if slg_layer > 0 and i == slg_layer:
-                continue
-            v, a = self.fusion_block(i, v, a)
+                if slg_items is None or all(slg_items):
+                    continue
+                v, a = self._fusion_block_for(i, v, a, [b for b, skip in enumerate(slg_items) if not skip])
+            else:
+                v, a = self.fusion_block(i, v, a)
             if observer is not None:
                 observer(i, v, a)
         return self.video_model.unembed(v), self.audio_model.unembed(a)
+
+    def _fusion_block_for(self, i: int, v: Tokens, a: Tokens, items: list[int]) -> tuple[Tokens, Tokens]:
+        """Fusion block i on the batch items `items` only; the other items pass through unchanged.
+
+        The block only updates the residual streams `x`, so the result is the input with those items'
+        rows of `x` replaced by the block's output on the sliced tokens.
+        """
+        if len(items) == v.x.shape[0]:
+            return self.fusion_block(i, v, a)
+        v_part, a_part = self.fusion_block(i, v.select_items(items), a.select_items(items))
+        index = torch.tensor(items, dtype=torch.int64, device=v.x.device)
+        return (
+            _replace_x(v, v.x.index_copy(0, index, v_part.x)),
+            _replace_x(a, a.x.index_copy(0, index, a_part.x)),
+        )
 
     def fusion_block(self, i: int, v: Tokens, a: Tokens) -> tuple[Tokens, Tokens]:
         """One fusion block: both self-attentions, then audio attends to the updated video tokens and

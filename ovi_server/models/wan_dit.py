@@ -119,6 +119,10 @@ class Rope:
         rotated = torch.view_as_complex(pairs.contiguous()) * self.freqs
         return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
+    def select_items(self, index: Tensor) -> Rope:
+        """The rotations of the batch items `index` [n] (int64, on the tables' device)."""
+        return Rope(*(u.index_select(0, index) for u in (self.freqs, self.cos, self.sin)))
+
 
 def _video_angles(head_dim: int, f: int, h: int, w: int) -> Tensor:
     """Angles [f*h*w, head_dim/2]: frame, row and column frequencies side by side (3-D RoPE)."""
@@ -185,6 +189,22 @@ class Tokens:
     # [B, 1, 1, L] True = real key, over the whole sequence (also when x holds one rank's share:
     # Ulysses attention sees every key); None when no key is padding
     key_mask: Tensor | None = None
+
+    def select_items(self, items: Sequence[int]) -> Tokens:
+        """The tokens of batch items `items` only: every per-item field (the residual stream, time
+        embeddings, text, RoPE tables, key mask, lengths and grids) is sliced alike."""
+        index = torch.tensor(list(items), dtype=torch.int64, device=self.x.device)
+        pick = lambda u: u.index_select(0, index)  # noqa: E731
+        return Tokens(
+            x=pick(self.x),
+            e=pick(self.e),
+            e0=pick(self.e0),
+            context=pick(self.context),
+            seq_lens=tuple(self.seq_lens[b] for b in items),
+            grids=tuple(self.grids[b] for b in items),
+            rope=self.rope.select_items(index),
+            key_mask=None if self.key_mask is None else pick(self.key_mask),
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -232,3 +232,30 @@ def test_ieee_float32_turns_tf32_off_and_restores_it():
     with ieee_float32():
         assert conv.fp32_precision == "ieee" and matmul.fp32_precision == "ieee"
     assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+def test_batch_guidance_on_makes_denoise_use_batched_predict(pipeline, tmp_path, monkeypatch):
+    from ovi_server.engine import sampler
+
+    assert pipeline.predict is sampler.guided_predict  # "auto" is off for now
+    batched = OviPipeline.from_config(EngineConfig(variant="tiny", batch_guidance="on"))
+    assert batched.predict is sampler.batched_predict
+    calls = []
+
+    def spy(*args):
+        calls.append(args[2])  # t
+        return sampler.batched_predict(*args)
+
+    monkeypatch.setattr(batched, "predict", spy)
+    batched.generate(GenerationRequest(PROMPT, seed=1, steps=2), tmp_path / "b.mp4")
+    assert len(calls) == 2
+
+
+def test_batch_guidance_is_ignored_under_a_parallel_group(caplog):
+    from ovi_server.engine import sampler
+    from ovi_server.engine.pipeline import choose_predict
+
+    assert choose_predict("off", None) is choose_predict("auto", None) is sampler.guided_predict
+    with caplog.at_level("WARNING", logger="ovi_server.engine.pipeline"):
+        assert choose_predict("on", object()) is sampler.guided_predict  # a ParallelGroup stand-in
+    assert "--batch-guidance on is ignored with --sp/--cfg-parallel" in caplog.text

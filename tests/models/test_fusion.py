@@ -123,3 +123,66 @@ def test_blocks_compile_without_graph_breaks_and_keep_the_output(golden_model):
     video, audio = model(*args)
     torch.testing.assert_close(video[0], reference_video[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(audio[0], reference_audio[0], atol=1e-5, rtol=1e-5)
+
+
+def _two_items(model):
+    """Two different items: the second has fewer video frames and audio tokens, so it is padded in a batch."""
+    g = torch.Generator().manual_seed(5)
+    vcfg, acfg = model.video_model.cfg, model.audio_model.cfg
+    videos = [torch.randn(vcfg.in_dim, 3, 4, 6, generator=g), torch.randn(vcfg.in_dim, 2, 4, 6, generator=g)]
+    audios = [torch.randn(13, acfg.in_dim, generator=g), torch.randn(9, acfg.in_dim, generator=g)]
+    video_contexts = [torch.randn(n, vcfg.text_dim, generator=g) for n in (7, 4)]
+    audio_contexts = [torch.randn(n, vcfg.text_dim, generator=g) for n in (5, 6)]
+    return videos, audios, torch.tensor([700, 300]), video_contexts, audio_contexts
+
+
+@pytest.mark.parametrize("slg_items", [(True, False), (False, True)], ids=["first_skips", "second_skips"])
+@pytest.mark.parametrize("first_frame_is_clean", [False, True], ids=["t2v", "i2v"])
+def test_slg_items_skip_the_block_for_those_items_only(golden_model, slg_items, first_frame_is_clean):
+    """In a batch, block slg_layer is skipped by the items marked True and runs on the others: each item's
+    prediction is the one it gets alone, with or without the skip. Fails if the block runs on both items
+    or on neither (the skip changes every item's prediction)."""
+    model = golden_model()
+    videos, audios, t, video_contexts, audio_contexts = _two_items(model)
+    kwargs = {"first_frame_is_clean": first_frame_is_clean}
+    video, audio = model(
+        videos, audios, t, video_contexts, audio_contexts, slg_layer=1, slg_items=slg_items, **kwargs
+    )
+    for b, skips in enumerate(slg_items):
+        one = ([videos[b]], [audios[b]], t[b : b + 1], [video_contexts[b]], [audio_contexts[b]])
+        alone_video, alone_audio = model(*one, slg_layer=1 if skips else 0, **kwargs)
+        other_video, other_audio = model(*one, slg_layer=0 if skips else 1, **kwargs)
+        torch.testing.assert_close(video[b], alone_video[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(audio[b], alone_audio[0], atol=1e-5, rtol=1e-5)
+        assert (video[b] - other_video[0]).abs().max() > 1e-2
+        assert (audio[b] - other_audio[0]).abs().max() > 1e-2
+
+
+def test_slg_items_all_or_none_equal_the_plain_forward(golden_model):
+    model = golden_model()
+    args = _two_items(model)
+    for slg_items, like in (((True, True), {"slg_layer": 1}), ((False, False), {})):
+        video, audio = model(*args, slg_layer=1, slg_items=slg_items)
+        plain_video, plain_audio = model(*args, **like)
+        for out, ref in zip((*video, *audio), (*plain_video, *plain_audio), strict=True):
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("tower", ["video_model", "audio_model"])
+def test_selected_tokens_equal_the_item_laid_out_alone(golden_model, tower):
+    """Tokens.select_items slices every per-item field: the second (padded) item of a batch equals that
+    item embedded alone at the batch's padded length, i2v time embeddings, RoPE and key mask included."""
+    model = golden_model()
+    videos, audios, t, video_contexts, audio_contexts = _two_items(model)
+    dit = getattr(model, tower)
+    latents, contexts = (videos, video_contexts) if tower == "video_model" else (audios, audio_contexts)
+    clean = tower == "video_model"
+    batch = dit.embed(latents, t, contexts, first_frame_is_clean=clean)
+    alone = dit.embed(latents[1:], t[1:], contexts[1:], seq_len=batch.x.shape[1], first_frame_is_clean=clean)
+    picked = batch.select_items([1])
+    assert picked.key_mask is not None and picked.seq_lens == alone.seq_lens and picked.grids == alone.grids
+    assert torch.equal(picked.key_mask, alone.key_mask)
+    for name in ("x", "e", "e0", "context"):
+        torch.testing.assert_close(getattr(picked, name), getattr(alone, name), atol=1e-6, rtol=1e-6)
+    for name in ("freqs", "cos", "sin"):
+        torch.testing.assert_close(getattr(picked.rope, name), getattr(alone.rope, name))
