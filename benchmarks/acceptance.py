@@ -21,6 +21,7 @@ import gc
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acceptance: variant {cfg.name} is full size; on a CPU use --variant tiny", file=sys.stderr)
         return 2
     env = environment(device)
-    command = " ".join(["python -m benchmarks.acceptance", *args.argv])
+    command = "python -m benchmarks.acceptance " + shlex.join(args.argv)
     results: list[Result] = []
     built: dict[str, Any] = {}
     run_started = time.perf_counter()
