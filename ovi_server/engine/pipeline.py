@@ -262,20 +262,23 @@ class OviPipeline:
 
     def warm_up(self) -> None:
         """Compiles the fusion blocks before the first request: one denoising step at the variant's
-        square size and one at fal's default 992x512 (scaled to the variant's area). The second token
-        count makes every graph's token dimension dynamic, so other resolutions reuse them
-        (engine/compiling.py; tests/engine/test_compiling.py)."""
+        square size and one at fal's default 992x512 (scaled to the variant's area), then one
+        image-to-video step (its clean first frame gets per-token timesteps: other graphs). The second
+        token count makes every graph's token dimension dynamic, so other resolutions and images of
+        other aspects reuse them (engine/compiling.py; tests/engine/test_compiling.py)."""
         started = time.monotonic()
         cfg, device, dtype = self.cfg, self.placement.device, self.placement.dtype
         side = round(math.sqrt(cfg.video_area))
-        for width, height in ((side, side), WARM_UP_SIZE):
+        for (width, height), i2v in (((side, side), False), (WARM_UP_SIZE, False), ((side, side), True)):
             req = self.resolve(GenerationRequest(WARM_UP_PROMPT, size=(width, height), steps=1, seed=0))
             shape = t2v_shape(height, width, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
             noise = initial_noise(shape.video_latent_shape, shape.audio_latent_shape, 0, device, dtype)
             contexts = self.encode_prompts([req.prompt, req.video_negative_prompt, req.audio_negative_prompt])
+            # any clean first frame compiles the i2v graphs: zeros, shaped like an encoded image
+            image = torch.zeros_like(noise.video[:, :1]) if i2v else None
             plan = make_plan(req.solver, 1, req.shift, req.guidance, device)
             with torch.inference_mode(), self._on_device("fusion") as fusion:
-                denoise(fusion, noise, Conditioning(*contexts), plan, predict=self.predict)
+                denoise(fusion, noise, Conditioning(*contexts, image), plan, predict=self.predict)
         synchronize(device)
         self.warm_up_s = time.monotonic() - started
         logger.info("fusion blocks compiled and warmed up in %.1fs", self.warm_up_s)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import pytest
 import torch
+from PIL import Image
 
 from ovi_server.config import EngineConfig, dit_config
 from ovi_server.engine.compiling import compile_blocks
@@ -98,6 +102,13 @@ def test_a_compiled_pipeline_is_warm_before_its_first_request(monkeypatch, tmp_p
         GenerationRequest("A dog barks.", size=(80, 48), steps=2, seed=1), tmp_path / "a.mp4"
     )
     assert clip.num_frames > 0
+    assert counters["stats"]["unique_graphs"] == warm
+    # image-to-video (per-token timesteps) from a portrait image: warm too
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 120), (200, 30, 30)).save(buf, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    clip = pipe.generate(GenerationRequest("A dog barks.", image=image, steps=2, seed=1), tmp_path / "b.mp4")
+    assert clip.height > clip.width
     assert counters["stats"]["unique_graphs"] == warm
     torch._dynamo.reset()
 
