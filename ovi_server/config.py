@@ -371,7 +371,7 @@ class EngineConfig:
         group="model",
     )
     # torch.compile of the fusion blocks (engine/compiling.py); "auto": on where it was measured faster
-    # (one CUDA device, resident weights: 1.21x per step on an H200, benchmarks/RESULTS.md), compiled
+    # (one CUDA device, resident weights: 1.22x per step on an H200, benchmarks/RESULTS.md), compiled
     # and warmed up at start-up so that no request pays for it
     compile: Literal["auto", "on", "off"] = setting(
         "auto",
