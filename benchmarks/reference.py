@@ -12,7 +12,8 @@ disk and what runs (the same two deviations as the golden generators, tests/gold
   flash-attn is not importable or the device is not CUDA.
 * On CPU (float32) the source of model.py and fusion.py is loaded with `.bfloat16()` -> `.float()` and
   `torch.bfloat16` -> `torch.float32`: its hard-coded bf16 casts are active even on CPU, and bf16
-  matmuls on a CPU would time something the server never runs. On CUDA the source runs verbatim (bf16).
+  matmuls on a CPU would time something the server never runs. On CUDA the source runs verbatim (bf16),
+  and on a CPU too with `verbatim=True` (benchmarks/drift.py: bf16 numerics under emulated CUDA autocast).
 """
 
 from __future__ import annotations
@@ -83,15 +84,19 @@ def flash_attn_available() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("flash_attn", "flash_attn_interface"))
 
 
-def load_reference(root: str | Path, device: torch.device) -> Reference:
-    """Imports the reference's model, fusion and UniPC solver from a checkout at `root` (read only)."""
+def load_reference(root: str | Path, device: torch.device, verbatim: bool | None = None) -> Reference:
+    """Imports the reference's model, fusion and UniPC solver from a checkout at `root` (read only).
+
+    `verbatim`: run its source as written, bf16 casts included (default: on CUDA only; benchmarks/drift.py
+    asks for it on a CPU, where it emulates CUDA autocast).
+    """
     root = Path(root).resolve()
     missing = [rel for _, rel, _ in _MODULES if not (root / rel).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{root} does not look like a character-ai/Ovi checkout: missing {', '.join(missing)}"
         )
-    float32_source = device.type != "cuda"
+    float32_source = not verbatim if verbatim is not None else device.type != "cuda"
     if (root, float32_source) in _LOADED:  # a second caller in the same process gets the same modules
         return _LOADED[(root, float32_source)]
     taken = [name for name in _PACKAGES if name in sys.modules]

@@ -5,8 +5,8 @@ Parameter names equal the official checkpoint's (`video_model.*` / `audio_model.
 cross-attention (`k_fusion`, `v_fusion`, `pre_attn_norm_fusion`, `norm_k_fusion`).
 
 Precision mirrors the reference (character-ai/Ovi `ovi/modules/model.py`) when the weights are bf16:
-LayerNorms compute in float32 and return the input dtype (the reference's bf16 autocast runs
-`layer_norm` in float32), RMSNorms compute in the input dtype, the timestep sinusoid is float64,
+LayerNorms and RMSNorms compute in float32 and return the input dtype (the reference's bf16 autocast
+runs `layer_norm`, `pow` and `rsqrt` in float32), the timestep sinusoid is float64,
 and RoPE rotates in float32 with float64-built tables (the reference rotates in float64 and rounds to
 bf16; float32 keeps that within bf16 rounding while avoiding float64 on the GPU).
 """
@@ -29,14 +29,25 @@ from ovi_server.models.attention import FusionCrossAttnProcessor, SelfAttnProces
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and rounded to the input dtype once.
+
+    The reference's `WanRMSNorm` runs under CUDA autocast in bf16, whose policy computes `pow` and
+    `rsqrt` in float32, so its normalised q and k are rounded to bf16 once (then multiplied by the
+    weight in bf16; here the weight is applied before the one rounding). Computed in bf16 instead, the
+    per-row scale rsqrt(mean(x^2)) is itself rounded, which scales all of a token's attention logits
+    at once: that made our bf16 forward's video output drift ~2% further from float32 than the
+    reference's (benchmarks/drift.py).
+    """
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return x * self.weight.to(x.dtype)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
