@@ -82,6 +82,12 @@ STEP_RATIO_TARGET = 0.6  # x the reference's eager step
 BF16_AGREEMENT = 2e-2  # relative L2 distance between two bf16 runs of the same maths
 FP32_AGREEMENT = 1e-5
 DRIFT_BLOCKS = 6  # the bf16 drift is measured on the first blocks of the full-width model (memory)
+DRIFT_PROMPTS = (  # the drift's inputs: one noise seed and text context each, contexts of different lengths
+    PROMPT,
+    "A man at a desk says <S>We ship today.<E> Audio: keyboard clicks",
+    "Rain on a tin roof at night, a dog sleeps by the stove. <AUDCAP>Steady rain, a crackling fire<ENDAUDCAP>",
+    "Two kids race down a hill on bikes.",
+)
 
 
 @dataclass
@@ -420,37 +426,35 @@ def bf16_drift(ctx: Context) -> list[Result]:
     ours32 = copy.deepcopy(ours).float()
     reference = _reference(ctx)
     theirs = reference.build_fusion(video_cfg, audio_cfg, state)
-    inputs = _forward_inputs(ctx, STEP_SIZE)
+    # one pair of bf16 forwards differs from float32 by about as much as the two differ from each other
+    # (benchmarks/drift.py: ratios 0.986-1.010 at parity), so the item compares means over several inputs
+    cases = [_forward_inputs(ctx, STEP_SIZE, seed, prompt) for seed, prompt in enumerate(DRIFT_PROMPTS)]
     with ieee_float32():  # float32 means float32: no TF32 convolutions in the ground truth
-        truth = _forward(ours32, inputs, torch.float32)
+        truths = [_forward(ours32, inputs, torch.float32) for inputs in cases]
     del ours32
-    ours_drift = _relative(_forward(ours, inputs), truth)
-    video, audio, t, video_ctx, audio_ctx = inputs
-    ref_out = reference_forward(theirs, video, audio, t, video_ctx, audio_ctx, ctx.dtype)
-    ref_drift = _relative(list(ref_out), truth)
-    data = {"ours": ours_drift, "reference": ref_drift, "ratio": ours_drift / ref_drift}
-    note = f"first {DRIFT_BLOCKS} blocks, 704x704; eager; ours/reference {ours_drift / ref_drift:.4f}"
-    results = [
-        Result(
-            "",
-            "PASS" if ours_drift <= ref_drift else "FAIL",
-            f"ours {ours_drift:.2e}",
-            f"<= reference {ref_drift:.2e}",
-            note,
-            data=data,
-        )
-    ]
+
+    def drift(run: Callable[[tuple], Sequence[Tensor]]) -> list[float]:
+        return [_relative(list(run(inputs)), truth) for inputs, truth in zip(cases, truths, strict=True)]
+
+    ref = drift(lambda inputs: reference_forward(theirs, *inputs, ctx.dtype))
+    ref_mean = sum(ref) / len(ref)
+    where = f"first {DRIFT_BLOCKS} blocks, 704x704, mean of {len(cases)} inputs"
+    paths = [("", drift(lambda inputs: _forward(ours, inputs)), "eager")]
     if ctx.pipe.compiled:  # the path the server runs by default on CUDA (--compile auto)
         compile_blocks(ours)
-        compiled_drift = _relative(_forward(ours, inputs), truth)
+        paths.append(("bf16 drift vs reference, compiled", drift(lambda inputs: _forward(ours, inputs)), ""))
+    results = []
+    for name, values, how in paths:
+        mean = sum(values) / len(values)
+        ratios = "/".join(f"{a / b:.3f}" for a, b in zip(values, ref, strict=True))
         results.append(
             Result(
-                "bf16 drift vs reference, compiled",
-                "PASS" if compiled_drift <= ref_drift else "FAIL",
-                f"ours {compiled_drift:.2e}",
-                f"<= reference {ref_drift:.2e}",
-                f"ours/reference {compiled_drift / ref_drift:.4f}",
-                data={"ours": compiled_drift, "reference": ref_drift},
+                name,
+                "PASS" if mean <= ref_mean else "FAIL",
+                f"ours {mean:.2e}",
+                f"<= reference {ref_mean:.2e}",
+                f"{where}; {how + '; ' if how else ''}ours/reference {mean / ref_mean:.4f} (per input {ratios})",
+                data={"ours": values, "reference": ref, "ratio": mean / ref_mean},
             )
         )
     return results
@@ -711,16 +715,16 @@ def _shape(ctx: Context, size: tuple[int, int] | None) -> GenerationShape:
     return t2v_shape(height, width, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
 
 
-def _contexts(ctx: Context) -> list[Tensor]:
-    req = ctx.pipe.resolve(GenerationRequest(PROMPT))
+def _contexts(ctx: Context, prompt: str = PROMPT) -> list[Tensor]:
+    req = ctx.pipe.resolve(GenerationRequest(prompt))
     with torch.inference_mode():
         return ctx.pipe.encode_prompts([req.prompt, req.video_negative_prompt, req.audio_negative_prompt])
 
 
-def _forward_inputs(ctx: Context, size: tuple[int, int] | None) -> tuple:
+def _forward_inputs(ctx: Context, size: tuple[int, int] | None, seed: int = 0, prompt: str = PROMPT) -> tuple:
     shape = _shape(ctx, size)
-    noise = initial_noise(shape.video_latent_shape, shape.audio_latent_shape, 0, ctx.device, ctx.dtype)
-    positive = _contexts(ctx)[0]
+    noise = initial_noise(shape.video_latent_shape, shape.audio_latent_shape, seed, ctx.device, ctx.dtype)
+    positive = _contexts(ctx, prompt)[0]
     return noise.video, noise.audio, torch.full((1,), 999.0, device=ctx.device), positive, positive
 
 
