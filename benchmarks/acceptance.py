@@ -47,7 +47,7 @@ from benchmarks.run import (
 )
 from ovi_server.config import EngineConfig, load_variant
 from ovi_server.engine.attention_check import check_attention_backend
-from ovi_server.engine.compiling import compile_blocks
+from ovi_server.engine.compiling import compile_blocks, uncompile_blocks
 from ovi_server.engine.device import ieee_float32, resolve_placement
 from ovi_server.engine.offload import BlockStreamer
 from ovi_server.engine.pipeline import OviPipeline
@@ -586,9 +586,7 @@ def compile_step(ctx: Context) -> Result:
         step = _step_time(ctx, STEP_SIZE)
     finally:
         if compiled_here:
-            for block in (*fusion.video_model.blocks, *fusion.audio_model.blocks):
-                block._compiled_call_impl = None
-            torch._dynamo.reset()
+            uncompile_blocks(fusion)
     distance = _relative(compiled_out, reference)
     when = "first forward (compile)" if compiled_here else "start-up warm-up (compile)"
     return Result(

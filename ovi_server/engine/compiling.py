@@ -53,3 +53,12 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
         "fusion blocks compiled (automatic dynamic shapes, recompile limit %d)",
         torch._dynamo.config.recompile_limit,
     )
+
+
+def uncompile_blocks(model: nn.Module) -> None:
+    """Undoes `compile_blocks`: every block runs its plain forward again (nn.Module.compile keeps the
+    compiled callable in `_compiled_call_impl`), and torch's compile caches are dropped."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    torch._dynamo.reset()

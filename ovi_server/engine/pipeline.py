@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ovi_server import weights
 from ovi_server.config import EngineConfig, OviConfig, load_variant
 from ovi_server.engine.attention_check import check_attention_backend
-from ovi_server.engine.compiling import check_compile, compile_blocks, wants_compile
+from ovi_server.engine.compiling import check_compile, compile_blocks, uncompile_blocks, wants_compile
 from ovi_server.engine.device import (
     Placement,
     free_memory,
@@ -257,7 +257,20 @@ class OviPipeline:
         )
         pipe.compiled = compiled
         if compiled and leader:
-            pipe.warm_up()
+            try:
+                pipe.warm_up()
+            except Exception as exc:  # inductor/Triton failures come as many exception types
+                if engine.compile == "on":
+                    raise
+                # "auto" must not keep a server from starting (no C compiler for Triton, say)
+                logger.warning(
+                    "compiling the fusion blocks failed (%s: %s); running eager. Pass --compile off to skip "
+                    "the attempt, or --compile on to make it an error",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:300] if str(exc) else "",
+                )
+                uncompile_blocks(fusion)
+                pipe.compiled = False
         return pipe
 
     def warm_up(self) -> None:

@@ -141,3 +141,37 @@ def test_batched_guidance_compiles_and_a_third_resolution_compiles_nothing_new()
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[2] == graphs[1], graphs
     torch._dynamo.reset()
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no C compiler for Triton's launchers")
+
+
+@pytest.mark.parametrize("setting", ["auto", "on"])
+def test_a_failed_compile_falls_back_to_eager_only_under_auto(monkeypatch, tmp_path, caplog, setting):
+    """--compile auto must not stop a server from starting where compiling fails (a CUDA host without
+    gcc): it warns and runs eager. --compile on makes the failure an error at start-up."""
+    import torch._dynamo
+
+    import ovi_server.engine.pipeline as pipeline_module
+    from ovi_server.request import GenerationRequest
+
+    monkeypatch.setattr(pipeline_module, "wants_compile", lambda *args: True)  # auto as on a GPU
+    monkeypatch.setattr(
+        pipeline_module, "compile_blocks", lambda m: compile_blocks(m, backend=_failing_backend)
+    )
+    torch._dynamo.reset()
+    engine = EngineConfig(variant="tiny", device="cpu", compile=setting)
+    if setting == "on":
+        with pytest.raises(Exception, match="no C compiler"):
+            OviPipeline.from_config(engine)
+        torch._dynamo.reset()
+        return
+    with caplog.at_level("WARNING", logger="ovi_server.engine.pipeline"):
+        pipe = OviPipeline.from_config(engine)
+    assert not pipe.compiled
+    assert "compiling the fusion blocks failed" in caplog.text and "running eager" in caplog.text
+    blocks = [*pipe.fusion.video_model.blocks, *pipe.fusion.audio_model.blocks]
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in blocks)
+    clip = pipe.generate(GenerationRequest("A dog barks.", steps=2, seed=1), tmp_path / "a.mp4")
+    assert clip.num_frames > 0
