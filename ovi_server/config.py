@@ -362,11 +362,14 @@ class EngineConfig:
         commands=ENGINE,
         group="model",
     )
-    offload: Literal["none", "model", "block"] = setting(
-        "none",
+    # "auto": none where the fusion model, the decoders and a denoising reserve fit in the GPU's memory,
+    # else block (measured 1.02x the resident step at a 4.0 GB peak on an H200, benchmarks/RESULTS.md)
+    offload: Literal["auto", "none", "model", "block"] = setting(
+        "auto",
         flag="--offload",
         env="OVI_OFFLOAD",
-        help="keep models in host memory, on the GPU per stage (model) or per block (block)",
+        help="keep models in host memory, on the GPU per stage (model) or per block (block); auto: block "
+        "only when the models would not fit in the GPU's memory, else none",
         commands=("serve", "worker", "generate"),
         group="model",
     )

@@ -30,7 +30,7 @@ _DTYPES = {
 def resolve_placement(
     device: str = "auto",
     dtype: str = "auto",
-    offload: Literal["none", "model", "block"] = "none",
+    offload: Literal["auto", "none", "model", "block"] = "none",
     attention: str = "native",
     fp8_storage: bool = False,
 ) -> Placement:
@@ -48,11 +48,12 @@ def resolve_placement(
         dt = _DTYPES[dtype]
     else:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
-    if offload != "none" and dev.type == "cpu":
+    if offload not in ("none", "auto") and dev.type == "cpu":
         logger.warning(
             "offload=%s has no effect on the CPU (the models already live in host memory)", offload
         )
-        offload = "none"
+    if dev.type == "cpu":
+        offload = "none"  # "auto" on a GPU is decided from the models' sizes (engine/pipeline.py)
     return Placement(dev, dt, offload, attention, fp8_storage)
 
 

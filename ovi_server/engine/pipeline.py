@@ -54,18 +54,20 @@ from ovi_server.engine.sampler import (
     make_plan,
 )
 from ovi_server.errors import ConfigError, WeightsError
-from ovi_server.media.audio_vae import AudioDecoder, load_audio_decoder, random_audio_decoder
+from ovi_server.media.audio_vae import AudioDecoder, AudioVAE, load_audio_decoder, random_audio_decoder
 from ovi_server.media.images import load_first_frame
 from ovi_server.media.mux import video_to_uint8, write_mp4
 from ovi_server.media.video_vae import (
     VideoVAE,
+    build_autoencoder,
     decode_memory_estimate,
     load_video_vae,
     plan_tiling,
     random_video_vae,
 )
-from ovi_server.models.fusion import OviFusion, build_fusion, load_fusion
-from ovi_server.models.loading import init_random_
+from ovi_server.media.vocoder import BigVGAN
+from ovi_server.models.fusion import OviFusion, build_fusion, layerwise_cast_params, load_fusion
+from ovi_server.models.loading import init_random_, meta_device
 from ovi_server.models.t5 import TextEncoder, build_umt5, load_text_encoder, random_text_encoder
 from ovi_server.prompt import format_prompt, validate_prompt
 from ovi_server.request import (
@@ -147,6 +149,9 @@ class OviPipeline:
         placement = resolve_placement(
             engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8
         )
+        if placement.offload == "auto":
+            offload = choose_offload(cfg, placement, total_memory(placement.device))
+            placement = dataclasses.replace(placement, offload=offload)
         # one real call in the dtype and head sizes the model uses, before minutes of loading
         check_attention_backend(
             placement.attention,
@@ -578,6 +583,47 @@ def text_encoder_fits(cfg: OviConfig, model_bytes: int, total_bytes: int | None)
         total_bytes / 2**30,
     )
     return fits
+
+
+def choose_offload(cfg: OviConfig, placement: Placement, total_bytes: int | None) -> str:
+    """--offload auto: "none" when the fusion model, both decoders and the denoising reserve fit in the
+    device's memory (the text encoder visits if it does not fit beside them, and the decode tiles when
+    free memory is short), else "block", which streams the fusion model from host memory."""
+    if total_bytes is None:
+        return "none"
+    needed = resident_model_bytes(cfg, placement) + DENOISE_RESERVE_BYTES
+    choice = "none" if needed <= total_bytes else "block"
+    logger.info(
+        "--offload auto: %s (fusion model and decoders %.1f GiB + denoising reserve %.1f GiB %s %.1f GiB "
+        "of device memory)",
+        choice,
+        (needed - DENOISE_RESERVE_BYTES) / 2**30,
+        DENOISE_RESERVE_BYTES / 2**30,
+        "<=" if choice == "none" else ">",
+        total_bytes / 2**30,
+    )
+    return choice
+
+
+def resident_model_bytes(cfg: OviConfig, placement: Placement) -> int:
+    """The device memory of the fusion model and both decoders, known from meta builds before any
+    weight is read: the fusion in the placement dtype (its Linear weights in one byte under --fp8), the
+    video VAE in float32 (media/video_vae.py), the audio decoder and vocoder at most float32."""
+    fusion = build_fusion(cfg.video, cfg.audio)
+    size = meta_bytes(fusion, placement.dtype)
+    if placement.fp8_storage:
+        params = dict(fusion.named_parameters())
+        itemsize = torch.empty((), dtype=placement.dtype).element_size()
+        size -= sum(
+            params[n].numel() * (itemsize - 1) for n in layerwise_cast_params(fusion) if n.endswith(".weight")
+        )
+    with meta_device():
+        decoders = (
+            build_autoencoder(cfg.video_vae),
+            AudioVAE(cfg.audio_vae, with_encoder=False),
+            BigVGAN(cfg.vocoder),
+        )
+    return size + sum(meta_bytes(m, torch.float32) for m in decoders)
 
 
 def module_bytes(module: nn.Module) -> int:

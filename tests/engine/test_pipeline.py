@@ -259,3 +259,41 @@ def test_batch_guidance_is_ignored_under_a_parallel_group(caplog):
     with caplog.at_level("WARNING", logger="ovi_server.engine.pipeline"):
         assert choose_predict("on", object()) is sampler.guided_predict  # a ParallelGroup stand-in
     assert "--batch-guidance on is ignored with --sp/--cfg-parallel" in caplog.text
+
+
+def test_models_size_is_known_before_loading(pipeline):
+    """--offload auto decides from meta builds; they match what loading materialises (the video VAE's
+    two 48-value latent statistics aside)."""
+    from ovi_server.engine.pipeline import module_bytes, resident_model_bytes
+
+    built = sum(module_bytes(m) for m in (pipeline.fusion, pipeline.video_vae, pipeline.audio_decoder))
+    assert 0 <= built - resident_model_bytes(pipeline.cfg, pipeline.placement) <= 1024
+
+
+@pytest.mark.parametrize(
+    ("gib", "fp8", "expected"),
+    [
+        (80, False, "none"),  # an H100: everything resident, as measured (benchmarks/RESULTS.md)
+        (48, False, "none"),
+        (32, False, "block"),  # 25 GiB of weights + the 8 GiB denoising reserve do not fit
+        (24, False, "block"),
+        (24, True, "none"),  # fp8 Linear weights: 15 GiB
+    ],
+)
+def test_offload_auto_streams_blocks_only_when_the_models_do_not_fit(gib, fp8, expected):
+    from ovi_server.config import load_variant
+    from ovi_server.engine.device import Placement
+    from ovi_server.engine.pipeline import choose_offload
+
+    placement = Placement(torch.device("cuda"), torch.bfloat16, "auto", "native", fp8)
+    assert choose_offload(load_variant("720x720_5s"), placement, gib * 2**30) == expected
+    assert choose_offload(load_variant("720x720_5s"), placement, None) == "none"  # not a GPU
+
+
+def test_offload_auto_is_none_on_the_cpu(pipeline, caplog):
+    from ovi_server.engine.device import resolve_placement
+
+    with caplog.at_level("WARNING"):
+        assert resolve_placement("cpu", "auto", "auto").offload == "none"
+    assert "no effect" not in caplog.text  # auto is not a request to warn about
+    assert pipeline.placement.offload == "none"
