@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import ipaddress
 import logging
 import mimetypes
@@ -248,6 +249,10 @@ def generate(config: ServerConfig, args: argparse.Namespace) -> int:
         video_negative_prompt=args.negative_prompt,
         audio_negative_prompt=args.audio_negative_prompt,
     )
+    if engine.compile == "auto":
+        # one clip: the start-up compile (22 s on an H200) costs more than it saves (0.18 s per step,
+        # about 5 s over 30 steps; benchmarks/RESULTS.md). --compile on still compiles.
+        engine = dataclasses.replace(engine, compile="off")
     try:  # before anything heavy is imported or loaded: a typo costs milliseconds
         check_request(load_variant(engine.variant), request)
     except OviError as exc:

@@ -13,7 +13,9 @@ import torch
 class Placement:
     device: torch.device
     dtype: torch.dtype  # bf16 on GPU, fp32 on CPU and in tests
-    offload: Literal["auto", "none", "model", "block"] = "none"  # "auto" is decided by OviPipeline.from_config
+    offload: Literal["auto", "none", "model", "block"] = (
+        "none"  # "auto" is decided by OviPipeline.from_config
+    )
     attention: str = "native"  # a diffusers attention backend name; checked at start-up
     fp8_storage: bool = False  # keep Linear weights as float8_e4m3fn, upcast per layer (low-VRAM mode)
 

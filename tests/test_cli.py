@@ -82,3 +82,21 @@ def test_generate_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "x.mp4").exists()
     assert main(["generate", PROMPT, "--image", str(tmp_path / "missing.png")]) == 2
     assert "missing.png: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], "off"), (["--compile", "on"], "on")])
+def test_generate_compiles_only_when_asked(monkeypatch, tmp_path, flag, expected):
+    """One clip does not pay a start-up compile that only a server earns back: --compile auto is off
+    for `generate`; --compile on is honoured."""
+    from ovi_server.engine import pipeline as pipeline_module
+
+    seen = []
+
+    def from_config(engine, parallel=None):
+        seen.append(engine.compile)
+        raise SystemExit(0)  # the choice is all this test needs; nothing is loaded
+
+    monkeypatch.setattr(pipeline_module.OviPipeline, "from_config", staticmethod(from_config))
+    with pytest.raises(SystemExit):
+        main(["generate", PROMPT, *flag, "-o", str(tmp_path / "x.mp4")])
+    assert seen == [expected]
