@@ -380,8 +380,8 @@ class EngineConfig:
         "auto",
         flag="--compile",
         env="OVI_COMPILE",
-        help="torch.compile the fusion blocks: auto (on for one CUDA device without --fp8, --offload or "
-        "--sp/--cfg-parallel; compiled at start-up), on, off",
+        help="torch.compile the fusion blocks: auto (serve/worker: on for one CUDA device without --fp8, "
+        "--offload or --sp/--cfg-parallel, compiled at start-up; generate: off), on, off",
         commands=ENGINE,
         group="model",
         parse=on_off_auto,
