@@ -363,7 +363,7 @@ class EngineConfig:
         group="model",
     )
     # "auto": none where the fusion model, the decoders and a denoising reserve fit in the GPU's memory,
-    # else block (measured 1.02x the resident step at a 4.0 GB peak on an H200, benchmarks/RESULTS.md)
+    # else block (measured 1.02x the resident step at a 4.0 GiB peak on an H200, benchmarks/RESULTS.md)
     offload: Literal["auto", "none", "model", "block"] = setting(
         "auto",
         flag="--offload",
