@@ -107,24 +107,15 @@ def our_forward(model: OviFusion, inputs: tuple, dtype: torch.dtype) -> list[Ten
 
 
 def reference_bf16_forward(model: torch.nn.Module, inputs: tuple) -> list[Tensor]:
-    """The reference's forward as `benchmarks.reference.reference_forward` makes it, under emulated CUDA
-    autocast instead of the device's own."""
-    from benchmarks.reference import sequence_lengths
+    """The reference's forward (`benchmarks.reference.reference_forward`) under emulated CUDA autocast
+    instead of the device's own."""
+    from benchmarks.reference import reference_forward
 
     video, audio, t, context = inputs
-    video_seq_len, audio_seq_len = sequence_lengths(model, video, audio)
-    with torch.inference_mode(), CudaAutocastBF16():
-        video_pred, audio_pred = model(
-            vid=[video],
-            audio=[audio],
-            t=t.reshape(1),
-            vid_context=[context],
-            audio_context=[context],
-            vid_seq_len=video_seq_len,
-            audio_seq_len=audio_seq_len,
-            first_frame_is_clean=False,
-        )
-    return [video_pred[0].float(), audio_pred[0].float()]
+    out = reference_forward(
+        model, video, audio, t, context, context, torch.bfloat16, autocast=CudaAutocastBF16()
+    )
+    return [x.float() for x in out]
 
 
 def measure(args: argparse.Namespace, seed: int, reference) -> list[dict]:

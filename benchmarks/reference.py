@@ -18,6 +18,7 @@ disk and what runs (the same two deviations as the golden generators, tests/gold
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -255,13 +256,14 @@ def reference_forward(
     audio_context: Tensor,
     dtype: torch.dtype,
     slg_layer: int = 0,
+    autocast: contextlib.AbstractContextManager | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One forward as the reference's loop makes it (slg_layer > 0: its negative pass)."""
+    """One forward as the reference's loop makes it (slg_layer > 0: its negative pass), under the
+    device's autocast in `dtype`, or under `autocast` when given (benchmarks/drift.py's emulation)."""
     video_seq_len, audio_seq_len = sequence_lengths(model, video, audio)
-    with (
-        torch.inference_mode(),
-        torch.amp.autocast(video.device.type, enabled=dtype != torch.float32, dtype=dtype),
-    ):
+    if autocast is None:
+        autocast = torch.amp.autocast(video.device.type, enabled=dtype != torch.float32, dtype=dtype)
+    with torch.inference_mode(), autocast:
         video_pred, audio_pred = model(
             vid=[video],
             audio=[audio],

@@ -27,10 +27,9 @@ def _inputs(model, height: int, width: int):
     return [video], [torch.randn(13, acfg.in_dim, generator=g)], torch.tensor([700]), [ctx], [ctx]
 
 
-def test_a_third_resolution_compiles_nothing_new():
-    """Four graphs per token count (towers x phases); the second shape makes the token count dynamic,
-    the third reuses those graphs. aot_eager traces what inductor would compile, without a C build."""
-    import torch._dynamo
+def _eager_and_compiled():
+    """The first fusion golden case twice, the second compiled (aot_eager traces what inductor would
+    compile, without a C build); torch's compile state and counters start empty."""
     from torch._dynamo.utils import counters
 
     case = golden_cases("fusion")[0]
@@ -40,6 +39,16 @@ def test_a_third_resolution_compiles_nothing_new():
     torch._dynamo.reset()
     counters.clear()
     compile_blocks(model, backend="aot_eager")
+    return eager, model
+
+
+def test_a_third_resolution_compiles_nothing_new():
+    """Four graphs per token count (towers x phases); the second shape makes the token count dynamic,
+    the third reuses those graphs. aot_eager traces what inductor would compile, without a C build."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    eager, model = _eager_and_compiled()
     graphs = []
     for height, width in ((4, 6), (6, 8), (8, 4)):
         args = _inputs(model, height, width)
@@ -120,20 +129,16 @@ def test_batched_guidance_compiles_and_a_third_resolution_compiles_nothing_new()
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    case = golden_cases("fusion")[0]
-    video, audio = dit_config(case.config["video"]), dit_config(case.config["audio"])
-    eager = load_fusion(case.weight_path(), video, audio, CPU_FP32)
-    model = load_fusion(case.weight_path(), video, audio, CPU_FP32)
-    torch._dynamo.reset()
-    counters.clear()
-    compile_blocks(model, backend="aot_eager")
+    eager, model = _eager_and_compiled()
     guidance = Guidance(slg_layer=1)
     graphs = []
     with torch.inference_mode():
         for height, width in ((4, 6), (6, 8), (8, 4)):
             videos, audios, _, (positive,), _ = _inputs(model, height, width)
             g = torch.Generator().manual_seed(height)
-            cond = Conditioning(positive, *(torch.randn(n, video.text_dim, generator=g) for n in (5, 3)))
+            cond = Conditioning(
+                positive, *(torch.randn(n, model.video_model.cfg.text_dim, generator=g) for n in (5, 3))
+            )
             x = Latents(videos[0], audios[0])
             out = batched_predict(model, x, torch.tensor(700), cond, guidance)
             ref = guided_predict(eager, x, torch.tensor(700), cond, guidance)
