@@ -189,7 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipe = OviPipeline.from_config(EngineConfig(variant=str(config_path), device=str(device)))
         build_s = time.perf_counter() - started
         ctx = Context(args, device, placement.dtype, pipe, _synchronizer(device), Path(tmp))
-        ctx.measured["build_s"] = build_s
         built = {"build_s": build_s, "compiled": pipe.compiled, "warm_up_s": pipe.warm_up_s}
         print(
             f"pipeline built in {build_s:.0f} s (random weights; compiled: {pipe.compiled}, "
@@ -619,9 +618,7 @@ def batch_guidance(ctx: Context) -> Result:
             if ctx.cuda:
                 torch.cuda.reset_peak_memory_stats(ctx.device)
             with _eager() if stance == "eager" else contextlib.nullcontext():
-                times[f"{name} {stance}"] = _step_time(
-                    ctx, size or ctx.pipe.resolve(GenerationRequest(PROMPT)).size, predict
-                )
+                times[f"{name} {stance}"] = _step_time(ctx, size, predict)
             if ctx.cuda:
                 peaks[f"{name} {stance}"] = torch.cuda.max_memory_allocated(ctx.device) / GB
     stance = "compiled" if ctx.pipe.compiled else "eager"
@@ -742,7 +739,7 @@ def _relative(ours: Sequence[Tensor], truth: Sequence[Tensor]) -> float:
     )
 
 
-def _step_time(ctx: Context, size: tuple[int, int], predict: Predict | None = None) -> float:
+def _step_time(ctx: Context, size: tuple[int, int] | None, predict: Predict | None = None) -> float:
     """Median seconds of a denoising step (both guidance passes + solver) after a warm-up step, with the
     pipeline's guidance unless `predict` names another."""
     shape = _shape(ctx, size)

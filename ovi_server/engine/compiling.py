@@ -26,12 +26,10 @@ RECOMPILE_LIMIT = 32
 
 def wants_compile(setting: str, device: torch.device, fp8: bool, offload: str, parallel: bool) -> bool:
     """--compile auto|on|off -> whether to compile. auto: only where compiling was measured faster and
-    works without graph breaks: one CUDA device, resident bf16 weights (not --fp8, --offload, --sp)."""
-    if setting == "on":
-        check_compile(fp8)
-        return True
-    if setting == "off":
-        return False
+    works without graph breaks: one CUDA device, resident bf16 weights (not --fp8, --offload, --sp).
+    "on" with --fp8 is refused earlier, by `check_compile` before loading."""
+    if setting != "auto":
+        return setting == "on"
     return device.type == "cuda" and not fp8 and offload == "none" and not parallel
 
 

@@ -47,6 +47,16 @@ def status(http: httpx.Client, rid: str) -> dict:
     return http.get(f"{T2V}/requests/{rid}/status", params={"logs": 1}).json()
 
 
+def submit(http: httpx.Client, count: int, receiver: Receiver | None = None) -> list[str]:
+    """`count` text-to-video jobs of 40 steps (long enough to catch one running), seed i for job i,
+    with a webhook to `receiver` if given; their request ids."""
+    url = T2V if receiver is None else f"{T2V}?fal_webhook={receiver.url}"
+    return [
+        http.post(url, json={"prompt": f"p{i}", "num_inference_steps": 40, "seed": i}).json()["request_id"]
+        for i in range(count)
+    ]
+
+
 def messages(http: httpx.Client, rid: str) -> list[str]:
     return [line["message"] for line in status(http, rid)["logs"]]
 
@@ -107,13 +117,7 @@ def test_sigkill_of_a_busy_worker_loses_nothing(tmp_path: Path, queue_args: list
         assert server.proc is not None and not torch_loaded(server.proc.pid)  # the API process
         assert all(torch_loaded(w["pid"]) for w in workers)  # ... while its workers have it
         with server.client() as http:
-            url = f"{T2V}?fal_webhook={receiver.url}"
-            ids = [
-                http.post(url, json={"prompt": f"p{i}", "num_inference_steps": 40, "seed": i}).json()[
-                    "request_id"
-                ]
-                for i in range(6)
-            ]
+            ids = submit(http, 6, receiver)
             pid, killed_job = freeze_busy_worker(server)
             os.kill(pid, signal.SIGKILL)
             wait_for(lambda: all_completed(http, ids), 240, "not every job completed after the kill")
@@ -147,13 +151,7 @@ def test_a_frozen_worker_loses_its_job_and_its_late_result_is_discarded(tmp_path
     try:
         server.wait_for_workers(2)
         with server.client() as http:
-            url = f"{T2V}?fal_webhook={receiver.url}"
-            ids = [
-                http.post(url, json={"prompt": f"p{i}", "num_inference_steps": 40, "seed": i}).json()[
-                    "request_id"
-                ]
-                for i in range(3)
-            ]
+            ids = submit(http, 3, receiver)
             pid, frozen_job = freeze_busy_worker(server)
             try:
                 wait_for(lambda: all_completed(http, ids), 240, "the frozen worker's job was not re-run")
@@ -184,12 +182,7 @@ def test_sigterm_drains_the_workers_and_the_job_runs_after_a_restart(tmp_path: P
     server = start_server(tmp_path, "--workers", "1")
     with server.client() as http:
         (worker,) = server.wait_for_workers(1)
-        ids = [
-            http.post(T2V, json={"prompt": f"p{i}", "num_inference_steps": 40, "seed": i}).json()[
-                "request_id"
-            ]
-            for i in range(3)
-        ]
+        ids = submit(http, 3)
         pid, running = freeze_busy_worker(server)
     assert server.proc is not None
     server.proc.send_signal(signal.SIGTERM)
