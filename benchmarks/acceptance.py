@@ -62,7 +62,7 @@ from ovi_server.engine.sampler import (
     make_plan,
 )
 from ovi_server.errors import ConfigError
-from ovi_server.media.mux import probe
+from ovi_server.media.mux import probe, video_to_uint8
 from ovi_server.media.video_vae import decode_memory_estimate
 from ovi_server.models.fp8 import apply_fp8_weights
 from ovi_server.models.fusion import layerwise_cast_params
@@ -339,16 +339,16 @@ def decode_estimate(ctx: Context) -> Result:
         ctx.sync()
         torch.cuda.reset_peak_memory_stats(ctx.device)
         before = torch.cuda.memory_allocated(ctx.device)
-        video = vae.decode(latent)
+        for chunk in vae.decode_chunks(latent):  # as the pipeline decodes: each chunk off the device
+            video_to_uint8(chunk).cpu()
         ctx.sync()
         used = torch.cuda.max_memory_allocated(ctx.device) - before
-        del video
     return Result(
         "",
         "PASS" if used <= estimate else "FAIL",
         f"{used / GB:.1f} GiB",
         f"<= estimate {estimate / GB:.1f} GiB",
-        f"untiled, {shape.width}x{shape.height}, {shape.num_frames} frames; ratio {used / estimate:.2f}",
+        f"untiled, chunked, {shape.width}x{shape.height}, {shape.num_frames} frames; ratio {used / estimate:.2f}",
         data={"used_gb": used / GB, "estimate_gb": estimate / GB},
     )
 

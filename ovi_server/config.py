@@ -296,6 +296,19 @@ def previews_every(text: str | int) -> int:
     return int(word)
 
 
+def gibibytes(text: str | float | None) -> float | None:
+    """--gpu-memory: a positive number of GiB; "off", "none" or empty: no limit (None)."""
+    if text is None or str(text).strip().lower() in ("", "off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of GiB (e.g. 32) or 'off', got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a positive number of GiB, got {text!r}")
+    return value
+
+
 def on_off_auto(text: str | bool) -> str:
     """auto, on or off; the yes/no spellings of a switch (OVI_COMPILE=1, true) read as on/off."""
     word = str(text).strip().lower()
@@ -385,6 +398,19 @@ class EngineConfig:
         commands=ENGINE,
         group="model",
         parse=on_off_auto,
+    )
+    # The most device memory this process may use. The automatic choices (--offload auto, whether the
+    # text encoder stays on the device, --vae-tiling auto) plan for it, and PyTorch's caching allocator
+    # is held to it (torch.cuda.set_per_process_memory_fraction): several workers on one card, a card
+    # shared with other programs, or a smaller card's configuration tried on a larger one.
+    gpu_memory: float | None = setting(
+        flag="--gpu-memory",
+        env="OVI_GPU_MEMORY",
+        help="the most GPU memory this process may use, in GiB (default: the whole card); the automatic "
+        "offload, text-encoder and tiling choices plan for it",
+        commands=ENGINE,
+        group="model",
+        parse=gibibytes,
     )
     # Spatially tiled VAE decode: bounded memory, not bit-exact at tile seams. "auto": only when an
     # estimate of the untiled decode exceeds the device's free memory (never on the CPU).

@@ -18,6 +18,7 @@ class Placement:
     )
     attention: str = "native"  # a diffusers attention backend name; checked at start-up
     fp8_storage: bool = False  # keep Linear weights as float8_e4m3fn, upcast per layer (low-VRAM mode)
+    memory_limit: int | None = None  # bytes of the device this process may use (--gpu-memory); None: all
 
 
 CPU_FP32 = Placement(torch.device("cpu"), torch.float32)

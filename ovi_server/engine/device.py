@@ -33,8 +33,10 @@ def resolve_placement(
     offload: Literal["auto", "none", "model", "block"] = "none",
     attention: str = "native",
     fp8_storage: bool = False,
+    gpu_memory_gib: float | None = None,
 ) -> Placement:
-    """The only place that asks torch which devices exist."""
+    """The only place that asks torch which devices exist. `gpu_memory_gib` caps what this process may
+    allocate on a CUDA device (PyTorch's caching allocator refuses more, as a smaller card would)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -54,22 +56,47 @@ def resolve_placement(
         )
     if dev.type == "cpu":
         offload = "none"  # "auto" on a GPU is decided from the models' sizes (engine/pipeline.py)
-    return Placement(dev, dt, offload, attention, fp8_storage)
+    memory_limit = None
+    if gpu_memory_gib is not None and dev.type != "cuda":
+        logger.warning("--gpu-memory has no effect on the CPU")
+    elif gpu_memory_gib is not None:
+        memory_limit = _limit_memory(dev, gpu_memory_gib)
+    return Placement(dev, dt, offload, attention, fp8_storage, memory_limit)
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device (what the caching allocator holds counts as free); None elsewhere."""
+def _limit_memory(device: torch.device, gib: float) -> int:
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = int(gib * 2**30)
+    if limit > total:
+        raise ConfigError(
+            f"--gpu-memory {gib:g} GiB is more than {device} has ({total / 2**30:.1f} GiB); "
+            "leave it unset to use the whole card"
+        )
+    # process-wide for this device, as a smaller card would be; the CUDA context (about 0.5 GiB) is
+    # outside the allocator and not counted
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    logger.info("GPU memory: this process uses at most %.1f of %s's %.1f GiB (--gpu-memory)",
+                limit / 2**30, device, total / 2**30)  # fmt: skip
+    return limit
+
+
+def free_memory(device: torch.device, limit: int | None = None) -> int | None:
+    """Bytes this process could still allocate on a CUDA device (what the caching allocator holds counts
+    as free), within `limit` (Placement.memory_limit) if set; None elsewhere."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    return free if limit is None else min(free, limit - allocated)
 
 
-def total_memory(device: torch.device) -> int | None:
-    """Total bytes of a CUDA device; None elsewhere."""
+def total_memory(device: torch.device, limit: int | None = None) -> int | None:
+    """Total bytes of a CUDA device, or `limit` (Placement.memory_limit) if smaller; None elsewhere."""
     if device.type != "cuda":
         return None
-    return torch.cuda.get_device_properties(device).total_memory
+    total = torch.cuda.get_device_properties(device).total_memory
+    return total if limit is None else min(total, limit)
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,4 +1,5 @@
-"""Host-resident weights that visit the device: whole models per stage, or the fusion model block by block.
+"""Host-resident weights that visit the device: whole models per stage, the fusion model block by block,
+or the text encoder layer by layer.
 
 Why not diffusers' group offloading for `--offload block`: it groups only module lists that are direct
 children of the model. OviFusion's children are the two towers, so everything landed in one
@@ -17,7 +18,7 @@ is released. Nothing is ever copied back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,52 +80,29 @@ class HostWeights:
         return current.data_ptr() != host.data_ptr()
 
 
-class BlockStreamer:
-    """`--offload block`: fusion block i (video block i + audio block i) is on the device only while
-    it runs, block i + 1 is copied on a side stream meanwhile; embeddings and heads stay resident.
+class GroupStreamer:
+    """Groups of weights mastered in host memory, each on the device only while it runs: `enter(i)` before
+    group i computes (it waits for its copy and starts group i + 1's on a side stream, so the next copy
+    overlaps this compute), `leave(i)` after. Peak: two groups, plus whatever the caller keeps resident."""
 
-    It wraps the model's `fusion_block(i, v, a)` (the unit the forward calls per block), so the
-    model code knows nothing of it. Peak device memory: the resident parts, two fusion blocks
-    (0.36 GiB each in bf16 for the full model), and the activations.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device, pin: bool | None = None):
-        pin = device.type == "cuda" if pin is None else pin
+    def __init__(self, groups: Sequence[Sequence[nn.Module]], device: torch.device, pin: bool | None = None):
+        self.pin = device.type == "cuda" if pin is None else pin
         self.device = device
-        towers = (model.video_model, model.audio_model)
-        self.groups = [
-            HostWeights([model.video_model.blocks[i], model.audio_model.blocks[i]], pin)
-            for i in range(model.num_blocks)
-        ]
-        for tower in towers:
-            for name, child in tower.named_children():
-                if name != "blocks":
-                    child.to(device)
+        self.groups = [HostWeights(group, self.pin) for group in groups]
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.ready: dict[int, torch.cuda.Event | None] = {}  # onloaded groups -> copy-done event
         self.copies: dict[int, list[Tensor]] = {}
-        self._run_block: Callable = model.fusion_block
-        model.fusion_block = self.fusion_block  # instance attribute: shadows the method
-        logger.info(
-            "block offload: %d fusion blocks of %.2f GiB streamed from %s host memory; "
-            "embeddings and heads resident on %s",
-            len(self.groups),
-            self.groups[0].nbytes / 2**30 if self.groups else 0.0,
-            "pinned" if pin else "pageable",
-            device,
-        )
 
-    def fusion_block(self, i: int, v, a):
+    def enter(self, i: int) -> None:
         for j in [j for j in self.ready if j < i]:  # e.g. a block skip-layer guidance skipped
             self._release(j)
         self._prefetch(i)
         self._wait(i)
         if i + 1 < len(self.groups):
-            self._prefetch(i + 1)  # overlaps with block i's compute
-        try:
-            return self._run_block(i, v, a)
-        finally:
-            self._release(i)
+            self._prefetch(i + 1)  # overlaps with group i's compute
+
+    def leave(self, i: int) -> None:
+        self._release(i)
 
     def _prefetch(self, i: int) -> None:
         if i in self.ready:
@@ -158,3 +136,70 @@ class BlockStreamer:
     def release_all(self) -> None:
         for i in list(self.ready):
             self._release(i)
+
+
+class BlockStreamer(GroupStreamer):
+    """`--offload block`: fusion block i (video block i + audio block i) is on the device only while
+    it runs, block i + 1 is copied on a side stream meanwhile; embeddings and heads stay resident.
+
+    It wraps the model's `fusion_block(i, v, a)` (the unit the forward calls per block), so the
+    model code knows nothing of it. Peak device memory: the resident parts, two fusion blocks
+    (0.36 GiB each in bf16 for the full model), and the activations.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, pin: bool | None = None):
+        towers = (model.video_model, model.audio_model)
+        blocks = [[model.video_model.blocks[i], model.audio_model.blocks[i]] for i in range(model.num_blocks)]
+        super().__init__(blocks, device, pin)
+        for tower in towers:
+            for name, child in tower.named_children():
+                if name != "blocks":
+                    child.to(device)
+        self._run_block: Callable = model.fusion_block
+        model.fusion_block = self.fusion_block  # instance attribute: shadows the method
+        logger.info(
+            "block offload: %d fusion blocks of %.2f GiB streamed from %s host memory; "
+            "embeddings and heads resident on %s",
+            len(self.groups),
+            self.groups[0].nbytes / 2**30 if self.groups else 0.0,
+            "pinned" if self.pin else "pageable",
+            device,
+        )
+
+    def fusion_block(self, i: int, v, a):
+        self.enter(i)
+        try:
+            return self._run_block(i, v, a)
+        finally:
+            self.leave(i)
+
+
+class LayerStreamer(GroupStreamer):
+    """A model whose `layers` run once each, in order, per forward (the text encoder: its embedding
+    table, then its blocks): each layer is on the device only while it runs, the next one copied
+    meanwhile; the rest of `model` (a final norm) moves to the device for good. Forward hooks on the
+    layers do it, so the model code knows nothing of it. After a forward that raised, `release_all`."""
+
+    def __init__(
+        self, model: nn.Module, layers: Sequence[nn.Module], device: torch.device, pin: bool | None = None
+    ):
+        super().__init__([[layer] for layer in layers], device, pin)
+        streamed = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+        for owner in model.modules():
+            for param in owner.parameters(recurse=False):
+                if id(param) not in streamed:
+                    param.data = param.data.to(device)
+            for name, buf in owner.named_buffers(recurse=False):
+                if id(buf) not in streamed:
+                    owner._buffers[name] = buf.to(device)
+        logger.info(
+            "%s visits %s layer by layer: %d layers, %.2f GiB at most, from %s host memory",
+            type(model).__name__,
+            device,
+            len(self.groups),
+            max((g.nbytes for g in self.groups), default=0) / 2**30,
+            "pinned" if self.pin else "pageable",
+        )
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda *_, i=i: self.enter(i))
+            layer.register_forward_hook(lambda *_, i=i: self.leave(i))

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from ovi_server.engine.device import (
     synchronize,
     total_memory,
 )
-from ovi_server.engine.offload import BlockStreamer, HostWeights
+from ovi_server.engine.offload import BlockStreamer, HostWeights, LayerStreamer
 from ovi_server.engine.parallel import (
     DenoiseJob,
     ParallelGroup,
@@ -56,10 +56,11 @@ from ovi_server.engine.sampler import (
 from ovi_server.errors import ConfigError, WeightsError
 from ovi_server.media.audio_vae import AudioDecoder, AudioVAE, load_audio_decoder, random_audio_decoder
 from ovi_server.media.images import load_first_frame
-from ovi_server.media.mux import video_to_uint8, write_mp4
+from ovi_server.media.mux import Mp4Writer, video_to_uint8
 from ovi_server.media.video_vae import (
     VideoVAE,
     build_autoencoder,
+    compression,
     decode_memory_estimate,
     load_video_vae,
     plan_tiling,
@@ -129,11 +130,18 @@ class OviPipeline:
         self.visitors = visitors  # names of the models that live in host memory between their stages
         # their weights, mastered in (pinned) host memory: a visit copies them in, leaving drops the copy
         pin = placement.device.type == "cuda"
-        self._host_weights = {
-            name: HostWeights([getattr(self, name)], pin)
-            for name in sorted(visitors)
-            if getattr(self, name) is not None  # the ranks of a parallel group other than 0 only denoise
-        }
+        self._host_weights: dict[str, HostWeights] = {}
+        self._streamers: dict[str, LayerStreamer] = {}
+        for name in sorted(visitors):
+            module = getattr(self, name)
+            if module is None:  # the ranks of a parallel group other than 0 only denoise
+                continue
+            if name == "text_encoder":
+                # layer by layer (same bytes, copies overlap compute): a visit never needs all 10.6 GiB of
+                # umt5-xxl beside the resident fusion model (21.7 GiB), which a 32 GB card does not hold
+                self._streamers[name] = LayerStreamer(module, module.layers(), placement.device, pin)
+            else:
+                self._host_weights[name] = HostWeights([module], pin)
 
     # ------------------------------------------------------------------------------------------ load
     @classmethod
@@ -147,10 +155,10 @@ class OviPipeline:
         if engine.compile == "on":
             check_compile(engine.fp8)  # before minutes of loading
         placement = resolve_placement(
-            engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8
+            engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8, engine.gpu_memory
         )
         if placement.offload == "auto":
-            offload = choose_offload(cfg, placement, total_memory(placement.device))
+            offload = choose_offload(cfg, placement, total_memory(placement.device, placement.memory_limit))
             placement = dataclasses.replace(placement, offload=offload)
         # one real call in the dtype and head sizes the model uses, before minutes of loading
         check_attention_backend(
@@ -194,7 +202,9 @@ class OviPipeline:
                 cfg.name,
                 seed,
             )
-            fusion = init_random_(build_fusion(cfg.video, cfg.audio), home["fusion"], seed)
+            # models homed in host memory draw their numbers on the GPU (engine start-up in seconds)
+            fill = placement.device if placement.device.type == "cuda" else None
+            fusion = init_random_(build_fusion(cfg.video, cfg.audio), home["fusion"], seed, fill)
         else:
             files = weights.paths(Path(engine.weights_dir), cfg, engine.fp8)
             fusion = load_fusion(files["fusion"], cfg.video, cfg.audio, home["fusion"], keep_fp8=engine.fp8)
@@ -214,11 +224,15 @@ class OviPipeline:
             if "text_encoder" in visitors and placement.offload == "none":
                 models = sum(map(module_bytes, (fusion, video_vae, audio_decoder)))
                 text_bytes = meta_bytes(build_umt5(cfg.text_encoder), placement.dtype)
-                if text_encoder_fits(cfg, models + text_bytes, total_memory(placement.device)):
+                if text_encoder_fits(
+                    cfg, models + text_bytes, total_memory(placement.device, placement.memory_limit)
+                ):
                     home["text_encoder"] = placement
                     visitors = visitors - {"text_encoder"}
             if random:
-                text_encoder = random_text_encoder(cfg.text_encoder, None, home["text_encoder"], seed + 1)
+                text_encoder = random_text_encoder(
+                    cfg.text_encoder, None, home["text_encoder"], seed + 1, fill
+                )
             else:
                 text_encoder = load_text_encoder(
                     files["t5"], files["tokenizer"], cfg.text_encoder, home["text_encoder"]
@@ -426,32 +440,32 @@ class OviPipeline:
                 )
                 latents = self.parallel.denoise(fusion, job, on_step)
 
-        with _timed(device, timings, "decode"):
-            on_progress(Progress("decode", 0, 2))
-            with self._on_device("video_vae") as video_vae:
-                self._plan_tiling(video_vae, tuple(latents.video[None].shape))
-                # [3, T, H, W] float32 in [-1, 1] -> uint8 [T, H, W, 3] on the device: 4x less to copy, and
-                # the host gets the frames in the encoder's layout
-                video = video_to_uint8(video_vae.decode(latents.video[None])[0])
-                video = video.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
-            on_progress(Progress("decode", 1, 2))
-            with self._on_device("audio_decoder") as audio_decoder:
-                waveform = audio_decoder.decode(latents.audio.T[None])[0]  # [N] at 16 kHz
-            on_progress(Progress("decode", 2, 2))
+        # decode and encode overlap: each latent frame's pixels go to the H.264 encoder thread while the
+        # next one decodes; "mux" is what is left after the last chunk (the encoder's tail, the audio)
+        temporal, _ = compression(cfg.video_vae)
+        latent_frames = latents.video.shape[1]
+        with Mp4Writer(out_path, fps=cfg.fps, sample_rate=self.audio_decoder.sample_rate) as writer:
+            with _timed(device, timings, "decode"):
+                on_progress(Progress("decode", 0, 1 + latent_frames))
+                with self._on_device("audio_decoder") as audio_decoder:
+                    waveform = audio_decoder.decode(latents.audio.T[None])[0]  # [N] at 16 kHz
+                on_progress(Progress("decode", 1, 1 + latent_frames))
+                with self._on_device("video_vae") as video_vae:
+                    self._plan_tiling(video_vae, tuple(latents.video[None].shape))
+                    # closed here on an error or a cancel, not whenever the garbage collector gets to it
+                    with closing(video_vae.decode_chunks(latents.video[None])) as chunks:
+                        for chunk in chunks:  # [1, 3, t, H, W] float32
+                            # uint8 [t, H, W, 3] on the device: 4x less to copy, in the encoder's layout
+                            writer.add(video_to_uint8(chunk[0]).permute(1, 2, 3, 0).contiguous().cpu())
+                            # latent frames decoded so far (a tiled decode comes as one chunk)
+                            done = 1 + (writer.num_frames - 1) // temporal
+                            on_progress(Progress("decode", 1 + done, 1 + latent_frames))
+            with _timed(device, timings, "mux"):
+                on_progress(Progress("mux", 0, 1))
+                path = writer.close(waveform.float().cpu())
+                on_progress(Progress("mux", 1, 1))
 
-        with _timed(device, timings, "mux"):
-            on_progress(Progress("mux", 0, 1))
-            path = write_mp4(
-                out_path,
-                video,
-                waveform.float().cpu(),
-                fps=cfg.fps,
-                sample_rate=self.audio_decoder.sample_rate,
-                layout="thwc",
-            )
-            on_progress(Progress("mux", 1, 1))
-
-        num_frames = video.shape[0]
+        num_frames = writer.num_frames
         return Clip(
             path=Path(path),
             seed=req.seed,
@@ -490,7 +504,9 @@ class OviPipeline:
                 self.vae_tiling,
             )
             return
-        plan = plan_tiling(latent_shape, self.cfg.video_vae, free_memory(self.placement.device))
+        plan = plan_tiling(
+            latent_shape, self.cfg.video_vae, free_memory(self.placement.device, self.placement.memory_limit)
+        )
         video_vae.set_tiling(plan.tiled)
         logger.info("video decode %s", plan.describe())
 
@@ -500,6 +516,12 @@ class OviPipeline:
         module = getattr(self, name)
         if name not in self.visitors:
             yield module
+            return
+        if name in self._streamers:  # its layers visit one by one as they run
+            try:
+                yield module
+            finally:
+                self._streamers[name].release_all()  # only left onloaded by a forward that raised
             return
         weights = self._host_weights[name]
         weights.onload(self.placement.device)
@@ -576,7 +598,9 @@ def text_encoder_fits(cfg: OviConfig, model_bytes: int, total_bytes: int | None)
     fits = model_bytes + reserve <= total_bytes
     logger.info(
         "text encoder %s: models %.1f GiB + reserve %.1f GiB %s %.1f GiB of device memory",
-        "stays on the device" if fits else "visits the device per new prompt, from pinned host memory",
+        "stays on the device"
+        if fits
+        else "visits the device per new prompt, layer by layer from pinned host memory",
         model_bytes / 2**30,
         reserve / 2**30,
         "<=" if fits else ">",

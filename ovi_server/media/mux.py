@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import uuid
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -53,68 +56,190 @@ def write_mp4(
         audio: [N], [1, N] or [1, 1, N] float waveform in [-1, 1] at `sample_rate`; cut or padded
             with silence to the video's duration (T / fps). None writes a video-only file.
         layout: "auto" tells the layouts apart by which axis has 3 channels.
-    The file appears at `path` only when complete: it is written to a hidden temporary file in the
-    same directory and renamed, and the temporary file is removed on any error.
+    The file appears at `path` only when complete (see `Mp4Writer`).
     """
-    frames = _frames_thwc_uint8(video, layout)  # [T, H, W, 3]
-    num_frames, height, width, _ = frames.shape
-    if num_frames == 0:
+    frames = _frames_thwc_uint8(video, layout)  # [T, H, W, 3]; bad input fails here, before any file
+    if frames.shape[0] == 0:
         raise ValueError("no video frames to write")
-    pad_h, pad_w = height % 2, width % 2
-    if pad_h or pad_w:
-        logger.info("padding %dx%d video to %dx%d for yuv420p", width, height, width + pad_w, height + pad_h)
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    waveform = None if audio is None else _fit_audio(audio, num_frames, fps, sample_rate)
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        _encode(tmp, frames, waveform, fps, sample_rate, crf, preset, audio_bitrate)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with Mp4Writer(
+        path,
+        fps=fps,
+        sample_rate=sample_rate,
+        with_audio=audio is not None,
+        crf=crf,
+        preset=preset,
+        audio_bitrate=audio_bitrate,
+    ) as writer:
+        writer.add(frames)
+        return writer.close(audio)
 
 
-def _encode(
-    path: Path,
-    frames: np.ndarray,
-    waveform: np.ndarray | None,
-    fps: int,
-    sample_rate: int,
-    crf: int,
-    preset: str,
-    audio_bitrate: int,
-) -> None:
-    # "faststart" makes the muxer move the moov atom to the front in a second pass over the file.
-    with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-        video_stream = container.add_stream("libx264", rate=Fraction(fps))
-        video_stream.width, video_stream.height = frames.shape[2], frames.shape[1]
+class Mp4Writer:
+    """An MP4 written while its frames are still being made (H.264 yuv420p + AAC, moov atom first).
+
+    `add` queues frames for an encoder thread and returns at once (it blocks only when
+    `QUEUE_CHUNKS` chunks are waiting), so the encoding overlaps whatever makes the next frames: in
+    the pipeline, the video decode on the GPU. `close(audio)` waits for the video, adds the audio and
+    puts the file in place. The file appears at `path` only when complete: it is written to a hidden
+    temporary file in the same directory and renamed, and the temporary file is removed on any error,
+    on `abort()`, and when a `with` block is left by an exception.
+    """
+
+    QUEUE_CHUNKS = 4
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fps: int = 24,
+        sample_rate: int = 16000,
+        with_audio: bool = True,
+        crf: int = DEFAULT_CRF,
+        preset: str = DEFAULT_PRESET,
+        audio_bitrate: int = DEFAULT_AUDIO_BITRATE,
+    ):
+        self.path = Path(path)
+        self.fps, self.sample_rate, self.with_audio = fps, sample_rate, with_audio
+        self._options = {"crf": str(crf), "preset": preset}
+        self._audio_bitrate = audio_bitrate
+        self.num_frames = 0
+        self._size: tuple[int, int] | None = None  # (height, width) as added, before padding
+        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self._queue: queue.Queue[Any] = queue.Queue(self.QUEUE_CHUNKS)
+        self._error: BaseException | None = None
+        self._done = False
+        self._thread = threading.Thread(target=self._encode_all, name="mp4-encoder", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None or not self._done:
+            self.abort()
+
+    def add(self, frames: Tensor | np.ndarray, layout: Layout = "thwc") -> None:
+        """Queues frames ([T, H, W, 3] uint8 by default; any `write_mp4` layout); raises the encoder's
+        error if it has failed."""
+        self._raise_encoder_error()
+        array = _frames_thwc_uint8(frames, layout)
+        if self._size is None:
+            self._size = array.shape[1:3]
+        elif array.shape[1:3] != self._size:
+            raise ValueError(f"frames of {array.shape[1:3]} after frames of {self._size}: one size per video")
+        pad_h, pad_w = array.shape[1] % 2, array.shape[2] % 2
+        if pad_h or pad_w:
+            if self.num_frames == 0:
+                logger.info(
+                    "padding %dx%d video to %dx%d for yuv420p",
+                    array.shape[2], array.shape[1], array.shape[2] + pad_w, array.shape[1] + pad_h,
+                )  # fmt: skip
+            array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        self._put(array)
+        self.num_frames += array.shape[0]
+
+    def close(self, audio: Tensor | np.ndarray | None = None) -> Path:
+        """Finishes the file and moves it to `path`. `audio` ([N], [1, N] or [1, 1, N] float in [-1, 1]
+        at `sample_rate`) is cut or padded with silence to the video's duration (frames / fps)."""
+        try:
+            if self.num_frames == 0:
+                raise ValueError("no video frames to write")
+            if (audio is None) == self.with_audio:
+                raise ValueError(
+                    "audio given to a video-only writer" if audio is not None else "audio missing"
+                )
+            waveform = (
+                None if audio is None else _fit_audio(audio, self.num_frames, self.fps, self.sample_rate)
+            )
+            self._put(_Finish(waveform))
+            self._thread.join()
+            self._raise_encoder_error()
+            os.replace(self._tmp, self.path)
+            self._done = True
+            return self.path
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Stops the encoder and removes the partial file; nothing appears at `path`."""
+        if self._thread.is_alive():
+            self._put(_ABORT, check=False)
+            self._thread.join()
+        self._tmp.unlink(missing_ok=True)
+        self._done = True
+
+    def _put(self, item: Any, check: bool = True) -> None:
+        # a bounded wait, so a dead encoder cannot leave the caller blocked on a full queue
+        while True:
+            if check:
+                self._raise_encoder_error()
+            if not self._thread.is_alive():
+                return
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_encoder_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _encode_all(self) -> None:
+        """The encoder thread: owns the container from open to close."""
+        try:
+            # "faststart" makes the muxer move the moov atom to the front in a second pass over the file.
+            with av.open(
+                str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"}
+            ) as container:
+                video_stream = audio_stream = None
+                pts = 0
+                while not isinstance(item := self._queue.get(), _Finish):
+                    if item is _ABORT:
+                        return
+                    if video_stream is None:
+                        video_stream, audio_stream = self._add_streams(
+                            container, item.shape[2], item.shape[1]
+                        )
+                    for rgb in item:
+                        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                        frame.pts, pts = pts, pts + 1
+                        frame.time_base = Fraction(1, self.fps)
+                        container.mux(video_stream.encode(frame))
+                container.mux(video_stream.encode(None))
+                if audio_stream is not None and item.waveform is not None:
+                    samples = av.AudioFrame.from_ndarray(item.waveform[None, :], format="fltp", layout="mono")
+                    samples.sample_rate = self.sample_rate
+                    samples.pts = 0
+                    samples.time_base = Fraction(1, self.sample_rate)
+                    container.mux(audio_stream.encode(samples))  # the codec splits it into 1024-sample frames
+                    container.mux(audio_stream.encode(None))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread by add/close
+            self._error = exc
+
+    def _add_streams(self, container: Any, width: int, height: int) -> tuple[Any, Any]:
+        video_stream = container.add_stream("libx264", rate=Fraction(self.fps))
+        video_stream.width, video_stream.height = width, height
         video_stream.pix_fmt = "yuv420p"
-        video_stream.options = {"crf": str(crf), "preset": preset}
+        video_stream.options = dict(self._options)
         # x264's frame threads (one per core): PyAV's default asks for slice threads, which scale worse
         # (4.5 s for 121 frames of 992x512 on 16 cores, benchmarks/RESULTS.md); same quality settings
         video_stream.codec_context.thread_type = "FRAME"
         video_stream.codec_context.thread_count = 0  # auto
         audio_stream = None
-        if waveform is not None:
-            audio_stream = container.add_stream("aac", rate=sample_rate, layout="mono")
-            audio_stream.bit_rate = audio_bitrate
+        if self.with_audio:
+            audio_stream = container.add_stream("aac", rate=self.sample_rate, layout="mono")
+            audio_stream.bit_rate = self._audio_bitrate
+        return video_stream, audio_stream
 
-        for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = index
-            frame.time_base = Fraction(1, fps)
-            container.mux(video_stream.encode(frame))
-        container.mux(video_stream.encode(None))
 
-        if audio_stream is not None and waveform is not None:
-            samples = av.AudioFrame.from_ndarray(waveform[None, :], format="fltp", layout="mono")
-            samples.sample_rate = sample_rate
-            samples.pts = 0
-            samples.time_base = Fraction(1, sample_rate)
-            container.mux(audio_stream.encode(samples))  # the codec splits it into 1024-sample frames
-            container.mux(audio_stream.encode(None))
+@dataclass(frozen=True)
+class _Finish:
+    waveform: np.ndarray | None
+
+
+_ABORT = object()
 
 
 def _frames_thwc_uint8(video: Tensor | np.ndarray, layout: Layout) -> np.ndarray:

@@ -26,11 +26,13 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from torch import Tensor, nn
 
 from ovi_server.config import VideoVAEConfig
@@ -161,10 +163,49 @@ class VideoVAE(nn.Module):
     @torch.no_grad()
     def decode(self, latent: Tensor) -> Tensor:
         """latent [B, 48, Tl, h, w] (normalised) -> video [B, 3, 1 + 4(Tl-1), 16h, 16w] float32 in [-1, 1]."""
+        return torch.cat(list(self.decode_chunks(latent)), dim=2)
+
+    @torch.no_grad()
+    def decode_chunks(self, latent: Tensor) -> Iterator[Tensor]:
+        """`decode`, a latent frame at a time: yields video [B, 3, t, 16h, 16w] float32 in [-1, 1], t = 1
+        for the first latent frame and 4 for each after it; untiled, the chunks are the values diffusers'
+        whole decode returns, bit for bit. A tiled decode runs tile by tile over the whole clip, so it
+        comes as one chunk.
+
+        The caller can use a chunk (encode it, copy it off the device) while the next one decodes, and
+        the whole float32 clip is never held on the device (0.7 GiB at 992x512, 5 s).
+        """
         z = (
             latent.to(self._device, torch.float32) / self.latents_inv_std + self.latents_mean
         )  # [B, 48, Tl, h, w]
-        return self.autoencoder.decode(z).sample  # diffusers clamps to [-1, 1]
+        autoencoder = self.autoencoder
+        if autoencoder.use_tiling:
+            yield autoencoder.decode(z).sample  # diffusers clamps to [-1, 1]
+            return
+        # diffusers' `AutoencoderKLWan._decode` loop, yielding where it concatenates: diffusers has no
+        # public per-chunk decode. It uses the model's causal cache (`clear_cache`, `_feat_map`,
+        # `_conv_idx`), so diffusers is pinned below 0.43 and tests/media/test_video_vae.py checks the
+        # chunks against diffusers' own `decode` bit for bit.
+        autoencoder.clear_cache()
+        cache = autoencoder._feat_map  # this decode's; a newer decode starts a cache of its own
+        try:
+            x = autoencoder.post_quant_conv(z)
+            for index in range(x.shape[2]):
+                autoencoder._conv_idx = [0]
+                chunk = autoencoder.decoder(
+                    x[:, :, index : index + 1],
+                    feat_cache=autoencoder._feat_map,
+                    feat_idx=autoencoder._conv_idx,
+                    first_chunk=index == 0,
+                )
+                if autoencoder.config.patch_size is not None:
+                    chunk = unpatchify(chunk, patch_size=autoencoder.config.patch_size)
+                yield chunk.clamp(-1.0, 1.0)
+        finally:
+            # frees the cached activations; a generator abandoned mid-clip and closed late (by the
+            # garbage collector) must not wipe the cache of a decode that started since
+            if autoencoder._feat_map is cache:
+                autoencoder.clear_cache()
 
 
 # Working memory of an untiled float32 decode per output pixel of one frame (H x W): the decoder holds a
@@ -182,7 +223,7 @@ DECODE_MEMORY_MARGIN = 1.5
 @dataclass(frozen=True)
 class TilingPlan:
     tiled: bool
-    estimate_bytes: int  # untiled decode's working memory plus its float32 output
+    estimate_bytes: int  # an untiled chunked decode's working memory plus one chunk of output
     free_bytes: int | None  # None: not a CUDA device (host memory is not the limit we plan for)
 
     def describe(self) -> str:
@@ -192,13 +233,16 @@ class TilingPlan:
 
 
 def decode_memory_estimate(latent_shape: tuple[int, ...], config: VideoVAEConfig) -> int:
-    """Bytes an untiled decode of a latent [B, 48, Tl, h, w] (or [48, Tl, h, w]) needs on the device."""
+    """Bytes an untiled `decode_chunks` of a latent [B, 48, Tl, h, w] (or [48, Tl, h, w]) needs on the
+    device, its chunks taken off the device as they come (as the pipeline does)."""
     *batch, _, latent_frames, h, w = latent_shape
     temporal, spatial = compression(config)
     pixels = h * spatial * w * spatial
     frames = 1 + temporal * (latent_frames - 1)
-    output = 3 * frames * pixels * 4 * math.prod(batch)  # float32, held twice while chunks are joined
-    return int(DECODE_BYTES_PER_PIXEL * pixels * DECODE_MEMORY_MARGIN * math.prod(batch)) + 2 * output
+    # the pipeline takes the clip a chunk at a time (`decode_chunks`): one chunk's float32 pixels
+    # (and their uint8 copy) are held, never the whole clip
+    output = 3 * min(frames, temporal) * pixels * 5 * math.prod(batch)
+    return int(DECODE_BYTES_PER_PIXEL * pixels * DECODE_MEMORY_MARGIN * math.prod(batch)) + output
 
 
 def plan_tiling(latent_shape: tuple[int, ...], config: VideoVAEConfig, free_bytes: int | None) -> TilingPlan:

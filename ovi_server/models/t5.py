@@ -204,9 +204,16 @@ class TextEncoder(nn.Module):
         self.config = config
         self.placement = placement
 
+    def layers(self) -> list[nn.Module]:
+        """What runs, in order, once per forward: the embedding table, then each block (the unit the
+        engine streams onto the device when the encoder visits it layer by layer)."""
+        return [self.umt5.shared, *self.umt5.encoder.block]
+
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask [B, L] -> last_hidden_state [B, L, dim]; padded rows are computed and meaningless."""
-        device = self.umt5.shared.weight.device  # follows the module when offloading moves it
+        # the device the encoder computes on: the final norm is there whether the whole encoder is
+        # resident, visits as a whole, or visits layer by layer (it is not one of `layers`)
+        device = self.umt5.encoder.final_layer_norm.weight.device
         return self.umt5(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
 
     @torch.no_grad()
@@ -280,15 +287,17 @@ def random_text_encoder(
     tokenizer: PromptTokenizer | str | Path | None,
     placement: Placement,
     seed: int,
+    fill_device: torch.device | None = None,
 ) -> TextEncoder:
-    """Random weights (tiny demo variant, benchmarks). `tokenizer=None` picks the `ByteTokenizer`."""
+    """Random weights (tiny demo variant, benchmarks). `tokenizer=None` picks the `ByteTokenizer`;
+    `fill_device`: see `init_random_`."""
     if tokenizer is None:
         tokenizer = ByteTokenizer(config.vocab_size)
     elif isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)
     umt5 = build_umt5(config)
     umt5.encoder.embed_tokens = None  # as in load_umt5: one table (2 GiB for umt5-xxl), then shared
-    init_random_(umt5, placement, seed)
+    init_random_(umt5, placement, seed, fill_device)
     umt5.encoder.embed_tokens = umt5.shared
     return TextEncoder(umt5, tokenizer, config, placement)
 

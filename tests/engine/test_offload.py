@@ -1,15 +1,17 @@
 """--offload block: fusion block i (video + audio) is streamed in while it runs, block i + 1 prefetched,
-embeddings and heads resident; the output is the resident model's. On the CPU the "device" copies are
+embeddings and heads resident; a visiting text encoder comes layer by layer the same way; the output is
+the resident model's. On the CPU the "device" copies are
 real copies, so which tensors are onloaded when is observable."""
 
 from __future__ import annotations
 
 import torch
 
-from ovi_server.config import dit_config
+from ovi_server.config import dit_config, load_variant
 from ovi_server.engine.device import CPU_FP32
-from ovi_server.engine.offload import BlockStreamer, HostWeights
+from ovi_server.engine.offload import BlockStreamer, HostWeights, LayerStreamer
 from ovi_server.models.fusion import load_fusion
+from ovi_server.models.t5 import random_text_encoder
 from tests.conftest import golden_cases
 
 CASE = golden_cases("fusion")[0]
@@ -80,3 +82,29 @@ def test_host_weights_swap_without_copying_back():
     copies[0].mul_(0)  # a device-side change is not written back to the master
     weights.offload()
     assert not weights.is_onloaded() and torch.equal(layer.weight, before)
+
+
+def test_text_encoder_visits_layer_by_layer_with_only_the_running_and_next_onloaded():
+    """A visiting umt5 never needs all its layers on the device at once (a 32 GB card holds the fusion
+    model and one umt5 layer beside it, not the whole encoder)."""
+    config = load_variant("tiny").text_encoder
+    resident = random_text_encoder(config, None, CPU_FP32, seed=0)
+    encoder = random_text_encoder(config, None, CPU_FP32, seed=0)
+    layers = encoder.layers()
+    streamer = LayerStreamer(encoder, layers, torch.device("cpu"))
+    n = len(layers)
+    assert n == 1 + config.num_layers and [len(g.entries) for g in streamer.groups] == [
+        len(list(layer.parameters())) for layer in layers
+    ]
+    seen: list[tuple[int, list[bool]]] = []
+    for i, layer in enumerate(layers):  # after the streamer's own hook: what the layer runs with
+        layer.register_forward_pre_hook(
+            lambda *_, i=i: seen.append((i, [g.is_onloaded() for g in streamer.groups]))
+        )
+    prompts = ["A cat says <S>hello<E>", "blurry, low quality"]
+    for got, expected in zip(encoder.encode(prompts), resident.encode(prompts), strict=True):
+        assert torch.equal(got, expected)
+    assert [i for i, _ in seen] == list(range(n))
+    for i, onloaded in seen:
+        assert onloaded == [j in (i, i + 1) for j in range(n)], (i, onloaded)
+    assert not any(g.is_onloaded() for g in streamer.groups)  # nothing left on the device after

@@ -38,24 +38,39 @@ def test_generate_writes_a_playable_mp4_and_reports_the_stages(pipeline, tmp_pat
     stages = [e.stage for e in events]
     assert stages[0] == "encode_text" and stages[-1] == "mux"
     assert [e.done for e in events if e.stage == "denoise"] == [0, 1, 2, 3, 4]
+    # audio, then each of the 3 latent frames as its pixels go to the encoder
+    assert [(e.done, e.total) for e in events if e.stage == "decode"] == [
+        (0, 4),
+        (1, 4),
+        (2, 4),
+        (3, 4),
+        (4, 4),
+    ]
     assert set(clip.timings) == {"encode_text", "denoise", "decode", "mux"}
 
 
 def test_same_seed_same_pixels_and_samples(pipeline, tmp_path, monkeypatch):
     """Compared before encoding: x264's frame threads make the MP4 bytes vary run to run."""
-    import ovi_server.engine.pipeline as module
+    from ovi_server.media.mux import Mp4Writer
 
-    caught = []
-    real_write = module.write_mp4
+    caught: dict[str, tuple[list, list]] = {}  # file name -> (frame chunks, waveforms)
+    real_add, real_close = Mp4Writer.add, Mp4Writer.close
 
-    def capture(path, video, audio, **kwargs):
-        caught.append((video.clone(), audio.clone()))
-        return real_write(path, video, audio, **kwargs)
+    def add(self, frames, layout="thwc"):
+        caught.setdefault(self.path.name, ([], []))[0].append(frames.clone())
+        return real_add(self, frames, layout)
 
-    monkeypatch.setattr(module, "write_mp4", capture)
+    def close(self, audio=None):
+        caught[self.path.name][1].append(audio.clone())
+        return real_close(self, audio)
+
+    monkeypatch.setattr(Mp4Writer, "add", add)
+    monkeypatch.setattr(Mp4Writer, "close", close)
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         pipeline.generate(GenerationRequest(PROMPT, seed=seed, steps=1), tmp_path / f"{name}.mp4")
-    (video_a, audio_a), (video_b, audio_b), (video_c, _) = caught
+    (video_a, audio_a), (video_b, audio_b), (video_c, _) = (
+        (torch.cat(caught[name][0]), caught[name][1][0]) for name in ("a.mp4", "b.mp4", "c.mp4")
+    )
     assert torch.equal(video_a, video_b) and torch.equal(audio_a, audio_b)
     assert not torch.equal(video_a, video_c)
     random_seed = pipeline.generate(GenerationRequest(PROMPT, steps=1), tmp_path / "d.mp4").seed
@@ -75,6 +90,22 @@ def test_cancel_from_progress_stops_between_steps(pipeline, tmp_path):
     assert ("denoise", 3) not in seen
     assert not (tmp_path / "x.mp4").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cancel_while_decoding_leaves_no_file_and_no_encoder(pipeline, tmp_path):
+    """The decode streams into the MP4 encoder: a cancel between two decoded chunks stops both."""
+    import threading
+
+    def cancel_mid_decode(event):
+        if event.stage == "decode" and event.done == 2:
+            raise Cancelled("cancelled")
+
+    with pytest.raises(Cancelled):
+        pipeline.generate(GenerationRequest(PROMPT, seed=1, steps=1), tmp_path / "x.mp4", cancel_mid_decode)
+    assert list(tmp_path.iterdir()) == []
+    assert [t for t in threading.enumerate() if t.name == "mp4-encoder"] == []
+    clip = pipeline.generate(GenerationRequest(PROMPT, seed=1, steps=1), tmp_path / "y.mp4")
+    assert probe(clip.path)["num_frames"] == 9
 
 
 def test_malformed_prompt_is_rejected_before_any_work(pipeline, tmp_path):

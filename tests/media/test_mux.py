@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import av
 import numpy as np
 import pytest
 import torch
 
-from ovi_server.media.mux import probe, write_mp4
+from ovi_server.media.mux import Mp4Writer, probe, write_mp4
 
 FPS = 24
 SR = 16000
@@ -102,3 +103,56 @@ def test_overwrites_existing_output(tmp_path):
     write_mp4(path, torch.zeros(3, 2, 16, 16), _tone(0.1))
     assert probe(path)["num_frames"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+def _decoded_rgb(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
+
+
+def _encoder_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "mp4-encoder"]
+
+
+def test_frames_added_in_chunks_play_in_order(tmp_path):
+    """The pipeline adds 1 frame, then 4 at a time, as the VAE decodes them."""
+    video = _gradient_video(9, 64, 64)
+    frames = ((video + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0)  # [T, H, W, 3]
+    with Mp4Writer(tmp_path / "a.mp4", fps=FPS, sample_rate=SR) as writer:
+        for start, stop in ((0, 1), (1, 5), (5, 9)):
+            writer.add(frames[start:stop])
+        path = writer.close(_tone(9 / FPS))
+    got = _decoded_rgb(path)
+    assert got.shape == (9, 64, 64, 3)
+    errors = np.abs(got[:, None] - frames.numpy()[None].astype(int)).mean(axis=(2, 3, 4))  # [decoded, source]
+    assert (errors.argmin(axis=1) == np.arange(9)).all()  # each frame is closest to its own source
+    assert errors.diagonal().max() < 6
+    _assert_duration_close(probe(path), 9)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"] and _encoder_threads() == []
+
+
+def test_leaving_the_writer_by_an_error_leaves_no_file(tmp_path):
+    frames = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="decode failed"), Mp4Writer(tmp_path / "a.mp4") as writer:
+        writer.add(frames)
+        raise RuntimeError("decode failed")
+    assert list(tmp_path.iterdir()) == [] and _encoder_threads() == []
+
+
+def test_an_encoder_failure_reaches_the_caller(tmp_path):
+    """The encoder runs on its own thread: its error surfaces at the next add or at close."""
+    frames = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)
+    with pytest.raises(av.FFmpegError), Mp4Writer(tmp_path / "a.mp4", preset="no-such-preset") as writer:
+        for _ in range(20):  # more chunks than the queue holds: add must not block on a dead encoder
+            writer.add(frames)
+        writer.close(_tone(1.0))
+    assert list(tmp_path.iterdir()) == [] and _encoder_threads() == []
+
+
+def test_writer_refuses_a_size_change_and_an_empty_video(tmp_path):
+    with pytest.raises(ValueError, match="one size per video"), Mp4Writer(tmp_path / "a.mp4") as writer:
+        writer.add(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+        writer.add(torch.zeros(4, 32, 48, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="no video frames"), Mp4Writer(tmp_path / "b.mp4") as writer:
+        writer.close(_tone(1.0))
+    assert list(tmp_path.iterdir()) == [] and _encoder_threads() == []
