@@ -32,6 +32,7 @@ KINDS = [
      ("720x720_5s", "960x960_5s", "960x960_10s")),
     ("--batch-guidance", "OVI_BATCH_GUIDANCE", "on", "off", "on", lambda c: c.engine.batch_guidance,
      ("on", "off", "on")),
+    ("--gpu-memory", "OVI_GPU_MEMORY", 31.5, "12", "23.5", lambda c: c.engine.gpu_memory, (31.5, 12.0, 23.5)),
 ]  # fmt: skip
 
 
@@ -129,6 +130,8 @@ def test_a_bad_value_is_one_line_naming_the_option_and_its_source(where, expecte
         ("port = \n", "not valid TOML"),
         ('storage = "ftp"\n', "--storage: bad value 'ftp' from storage in"),
         ('allowed-networks = "10.0.0.0/33"\n', "--allowed-networks: bad value '10.0.0.0/33'"),
+        ("gpu-memory = 0\n", "--gpu-memory: bad value 0 from gpu-memory in"),
+        ('gpu-memory = "lots"\n', "--gpu-memory: bad value 'lots' from gpu-memory in"),
     ],
 )
 def test_bad_config_files_are_refused(text: str, message: str, tmp_path: Path):
@@ -173,3 +176,14 @@ def test_serve_hands_its_settings_to_a_worker_by_flags(tmp_path: Path):
     again = build_server_config(build_parser().parse_args(["worker", *argv]))
     assert again.engine == config.engine and again.log == config.log and again.s3_bucket == "b"
     assert (again.engine.preview_every, again.engine.fp8, again.data_dir) == (2, True, tmp_path)
+
+
+def test_gpu_memory_is_gib_or_off(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    assert load("--gpu-memory", "38").engine.gpu_memory == 38.0
+    monkeypatch.setenv("OVI_GPU_MEMORY", "38")
+    assert load("--gpu-memory", "off").engine.gpu_memory is None  # the flag lifts the env's limit
+    from ovi_server.engine.device import resolve_placement
+
+    with caplog.at_level("WARNING"):
+        assert resolve_placement("cpu", gpu_memory_gib=8.0).memory_limit is None
+    assert "--gpu-memory has no effect on the CPU" in caplog.text

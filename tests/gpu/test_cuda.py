@@ -3,6 +3,11 @@ tests/engine/test_sampler.py and tests/engine/test_pipeline.py run the same code
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,3 +90,55 @@ def test_tiny_pipeline_with_block_offload_on_cuda(tmp_path):
         GenerationRequest("A cat says <S>hi<E> Audio: purring", seed=3), tmp_path / "b.mp4"
     )
     assert probe(clip.path)["num_frames"] == 9
+
+
+GPU_MEMORY_CHILD = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+
+    from ovi_server.config import EngineConfig
+    from ovi_server.engine.device import resolve_placement, total_memory
+    from ovi_server.engine.pipeline import OviPipeline
+    from ovi_server.errors import ConfigError
+    from ovi_server.media.mux import probe
+    from ovi_server.request import GenerationRequest
+
+    try:
+        resolve_placement("cuda", gpu_memory_gib=100_000.0)
+        sys.exit("a limit above the card was accepted")
+    except ConfigError as exc:
+        assert "more than" in str(exc), exc
+    engine = EngineConfig(variant="tiny", device="cuda", dtype="bf16", gpu_memory=2.0)
+    pipe = OviPipeline.from_config(engine)
+    assert pipe.placement.memory_limit == 2 * 2**30
+    assert total_memory(pipe.placement.device, pipe.placement.memory_limit) == 2 * 2**30
+    # 2 GiB is less than the 8 GiB denoising reserve: the fusion blocks stream, umt5 visits layer by layer
+    assert pipe.placement.offload == "block", pipe.placement.offload
+    assert "text_encoder" in pipe.visitors
+    clip = pipe.generate(GenerationRequest("A cat says <S>hi<E> Audio: purring", seed=3), sys.argv[1])
+    assert probe(clip.path)["num_frames"] == 9
+    try:
+        torch.empty(3 * 2**30, dtype=torch.uint8, device="cuda")
+        sys.exit("3 GiB allocated under a 2 GiB limit")
+    except torch.OutOfMemoryError:
+        pass
+    print("ok")
+    """
+)
+
+
+def test_gpu_memory_limit_holds_the_choices_and_the_allocator(tmp_path):
+    """--gpu-memory, in a process of its own (the limit is process-wide): the automatic choices plan
+    for it, the clip is made, and the allocator refuses more. CPU twin: tests/test_settings.py
+    (parsing; no effect on the CPU) and tests/engine/test_offload.py (the layer-by-layer visit)."""
+    done = subprocess.run(
+        [sys.executable, "-c", GPU_MEMORY_CHILD, str(tmp_path / "c.mp4")],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
