@@ -163,7 +163,7 @@ def worker(config: ServerConfig, args: argparse.Namespace) -> int:
         process.run_forever()
     finally:
         store.close()
-    return 0
+    return process.exit_code
 
 
 def warn_if_files_not_shared(config: ServerConfig) -> None:

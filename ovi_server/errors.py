@@ -29,3 +29,13 @@ class JobNotFound(OviError):
 
 class Cancelled(OviError):
     """Raised from a step callback: the job ends cancelled, not failed."""
+
+
+class RankFailed(OviError):
+    """A process of a parallel group (--sp, --cfg-parallel) failed during a request; the group is stopped
+    and runs no more requests."""
+
+    def __init__(self, message: str, rank: int, error_type: str):
+        super().__init__(message)
+        self.rank = rank  # the rank that failed first (0: this process)
+        self.error_type = error_type  # its exception's class name (e.g. "OutOfMemoryError")

@@ -12,13 +12,19 @@ We start the processes ourselves (no torchrun): `start_followers` spawns ranks 1
 serves requests (CLI `generate`, the server's worker), `run_spmd` runs one function on every rank
 (golden checks, tests). Rank 0 encodes the text once, sends the denoising job to the others, and
 decodes the latents once.
+
+Fail-stop: if any rank fails during a job, the leader kills every follower and raises RankFailed naming
+the rank (`Followers`); the group takes no more jobs, and a server worker restarts with fresh ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing.connection
 import os
+import signal
+import threading
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -45,13 +51,16 @@ from ovi_server.engine.sampler import (
     negative_pass,
     positive_pass,
 )
-from ovi_server.errors import Cancelled, ConfigError
+from ovi_server.errors import Cancelled, ConfigError, RankFailed
 from ovi_server.models.fusion import OviFusion
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT = timedelta(minutes=30)  # a collective that waits this long means a rank died
 RENDEZVOUS_TIMEOUT = timedelta(minutes=3)  # every rank joins within this, or start-up fails
+# after a rank failed, how long rank 0 may stay inside the job before it ends its own process: gloo fails
+# a collective whose peer is gone at once, but an NCCL collective may wait for the dead rank until TIMEOUT
+FAILED_GRACE = timedelta(seconds=15)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ class ParallelGroup:
     # control messages (jobs, the per-step stop flag) travel on a gloo group through host memory, so
     # they never wait on a device synchronize
     host_group: dist.ProcessGroup
+    followers: Followers | None = None  # on rank 0 of `start_followers`: the processes of ranks 1..
 
     @property
     def is_leader(self) -> bool:
@@ -169,9 +179,32 @@ class ParallelGroup:
     def denoise(self, model: OviFusion, job: DenoiseJob, on_step: StepCallback) -> Latents:
         """The leader's side of a denoising job: sends it to the other ranks, runs its share, returns the
         final latents. `on_step` runs here only; if it raises (cancellation), every rank stops after
-        the same step."""
-        self.broadcast(job)
-        return self._run(model, job, on_step)
+        the same step and the group takes the next job. Any other failure, on any rank, stops the group
+        for good: RankFailed names the rank (see `Followers`)."""
+        followers = self.followers
+        assert followers is not None, "denoise runs on rank 0 of start_followers"
+        if followers.failure is not None:
+            raise RankFailed(str(followers.failure), followers.failure.rank, followers.failure.error_type)
+        told_to_stop: list[BaseException] = []  # what on_step raised: `agree` told every rank to stop
+
+        def on_step_agreed(done: int, total: int, x: Latents) -> None:
+            try:
+                on_step(done, total, x)
+            except BaseException as exc:
+                told_to_stop.append(exc)
+                raise
+
+        with followers.busy():
+            try:
+                self.broadcast(job)
+                return self._run(model, job, on_step_agreed)
+            except BaseException as exc:
+                if told_to_stop and exc is told_to_stop[0]:
+                    raise
+                failure = followers.fail(exc)
+                if not isinstance(exc, Exception):  # Ctrl-C: as it is; the followers are stopped all the same
+                    raise
+                raise failure from exc
 
     def follow(self, model: OviFusion) -> None:
         """A follower's life: run the leader's jobs until it sends None."""
@@ -208,8 +241,106 @@ class ParallelGroup:
         return denoise(model, noise, cond, plan, agree, self.guided_predict)
 
     def stop_followers(self) -> None:
-        if self.is_leader and dist.is_initialized():
+        """Lets the followers exit (after a failure they are gone already)."""
+        if not self.is_leader or not dist.is_initialized():
+            return
+        if self.followers is None or self.followers.close():
             self.broadcast(None)
+
+
+class Followers:
+    """Rank 0's hold on ranks 1..: their processes, the errors they report, and a thread that sees one die.
+
+    When any rank fails during a job, the group is stopped for good: every follower is killed and rank 0
+    raises RankFailed naming the rank that failed first. The survivors cannot be brought back in step:
+    they may be waiting inside a collective of the failed step that only the failed rank could finish,
+    and a next job's collectives would pair with those (a hang, or garbage). Killing them also ends rank
+    0's own wait: gloo fails a collective whose peer has gone. NCCL may not, so if rank 0 is still inside
+    the job FAILED_GRACE after a failure, the watcher ends this process with os._exit(1): the supervisor
+    restarts a server worker with fresh ranks, and its job is queued again when its lease runs out.
+    """
+
+    def __init__(self, procs: list[Any], errors: Any, world_size: int):
+        self.procs = procs  # rank r is procs[r - 1]
+        self.errors = errors  # a SimpleQueue of reports (rank, error_type, summary, traceback)
+        self.world_size = world_size
+        self.failure: RankFailed | None = None  # set once, when the group is stopped
+        self._closing = False
+        self._lock = threading.Lock()
+        self._idle = threading.Event()  # rank 0 is not inside a job
+        self._idle.set()
+        threading.Thread(target=self._watch, name="ovi-followers", daemon=True).start()
+
+    @contextmanager
+    def busy(self):
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._idle.set()
+
+    def close(self) -> bool:
+        """Before telling the followers to exit: their exit is not a failure. False if they are gone."""
+        with self._lock:
+            self._closing = True
+            return self.failure is None
+
+    def fail(self, leader_error: BaseException | None = None) -> RankFailed:
+        """Stops the group (once) and says which rank failed first: a follower that reported an error or
+        died, else rank 0 with `leader_error`."""
+        with self._lock:
+            if self.failure is None:
+                self.failure = self._stop_all(leader_error)
+            return self.failure
+
+    def _stop_all(self, leader_error: BaseException | None) -> RankFailed:
+        # those that ended before we kill them (a sentinel is ready at once; exitcode may lag behind it)
+        ended = multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=0)
+        dead = [rank for rank, p in enumerate(self.procs, 1) if p.sentinel in ended]
+        for proc in self.procs:
+            proc.kill()  # nothing to save on a follower; SIGKILL also ends one blocked in an NCCL call
+        for proc in self.procs:
+            proc.join(10)
+        reports = []
+        while not self.errors.empty():
+            reports.append(self.errors.get())
+        trace = ""
+        if reports:  # in the order they were sent: the first is the cause, the others saw it fail
+            rank, error_type, summary, trace = reports[0]
+        elif dead:
+            rank = dead[0]
+            code = self.procs[rank - 1].exitcode or 0
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            error_type, summary = "ProcessExit", f"its process ended ({how}) without reporting an error"
+        else:
+            assert leader_error is not None, "stopped with neither a dead follower nor an error"
+            rank, error_type = 0, type(leader_error).__name__
+            summary = f"{error_type}: {leader_error}"  # its traceback travels with the exception
+        logger.error(
+            "parallel rank %d of %d failed: %s; the other ranks were stopped%s",
+            rank, self.world_size, summary, f"\n{trace}" if trace else "",
+        )  # fmt: skip
+        return RankFailed(
+            f"parallel rank {rank} of {self.world_size} failed: {summary}. The other ranks were stopped and "
+            "this process takes no more parallel requests (a server worker restarts with fresh ranks)",
+            rank,
+            error_type,
+        )
+
+    def _watch(self) -> None:
+        multiprocessing.connection.wait([p.sentinel for p in self.procs])  # until a follower exits
+        with self._lock:
+            if self._closing:
+                return
+        failure = self.fail()
+        if not self._idle.wait(FAILED_GRACE.total_seconds()):
+            logger.critical(
+                "rank 0 is still inside the failed job %.0fs after: %s; exiting (a server worker is "
+                "restarted with fresh ranks and its job queued again)",
+                FAILED_GRACE.total_seconds(), failure,
+            )  # fmt: skip
+            logging.shutdown()
+            os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -278,24 +409,43 @@ def start_followers(
     """Spawns ranks 1.. running `follower(group, *args)` and makes this process rank 0."""
     store = _leader_store(spec.world_size)
     context = torch.multiprocessing.get_context("spawn")
-    for rank in range(1, spec.world_size):
+    errors = context.SimpleQueue()
+    procs = [
         context.Process(
             target=_follower_main,
-            args=(spec, rank, store.port, device_type, follower, args),
+            args=(spec, rank, store.port, device_type, follower, args, errors),
             daemon=True,
             name=f"ovi-rank{rank}",
-        ).start()
-    return init_group(spec, 0, store, device_type)
+        )
+        for rank in range(1, spec.world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    group = init_group(spec, 0, store, device_type)
+    group.followers = Followers(procs, errors, spec.world_size)
+    return group
 
 
 def _follower_main(
-    spec: ParallelSpec, rank: int, port: int, device_type: str, follower: Callable[..., None], args: tuple
+    spec: ParallelSpec,
+    rank: int,
+    port: int,
+    device_type: str,
+    follower: Callable[..., None],
+    args: tuple,
+    errors: Any,
 ) -> None:
-    group = init_group(spec, rank, _follower_store(port, spec.world_size), device_type)
     try:
+        group = init_group(spec, rank, _follower_store(port, spec.world_size), device_type)
         follower(group, *args)
-    finally:
-        close_group()
+    except BaseException as exc:  # noqa: BLE001 -- reported to rank 0, which stops the group
+        # kept under PIPE_BUF (4096 bytes), so the report is one atomic write even if we are killed now
+        summary = f"{type(exc).__name__}: {exc}"[:500]
+        errors.put((rank, type(exc).__name__, summary, traceback.format_exc()[-2500:]))
+        # no close_group(): the other ranks may be inside a collective with this one. Exiting closes our
+        # connections, which fails theirs (gloo), and rank 0's watcher sees the process end (any backend).
+        os._exit(1)
+    close_group()
 
 
 # ----------------------------------------------------------------------------------------- SPMD mode

@@ -53,7 +53,7 @@ from ovi_server.engine.sampler import (
     initial_noise,
     make_plan,
 )
-from ovi_server.errors import ConfigError, WeightsError
+from ovi_server.errors import ConfigError, RankFailed, WeightsError
 from ovi_server.media.audio_vae import AudioDecoder, AudioVAE, load_audio_decoder, random_audio_decoder
 from ovi_server.media.images import load_first_frame
 from ovi_server.media.mux import Mp4Writer, video_to_uint8
@@ -314,6 +314,12 @@ class OviPipeline:
         synchronize(device)
         self.warm_up_s = time.monotonic() - started
         logger.info("fusion blocks compiled and warmed up in %.1fs", self.warm_up_s)
+
+    @property
+    def broken(self) -> RankFailed | None:
+        """Set when a rank of this pipeline's parallel group failed: it takes no more requests."""
+        followers = None if self.parallel is None else self.parallel.followers
+        return None if followers is None else followers.failure
 
     def close(self) -> None:
         """Lets the other ranks of a parallel pipeline exit; nothing to do for a single process."""

@@ -4,7 +4,8 @@ The only module that imports the engine. It loads the pipeline once, turns `Prog
 throttled log lines ("denoise 12/30") and live previews ("preview 10/30", the PNG in the store), checks
 for cancellation between steps, and finishes the job it claimed: success, invalid input (422),
 cancelled, or failed with a message that says what to do; or, on a clean stop, puts it back in the
-queue. `ovi-server worker` (cli.py) runs one per process.
+queue. A parallel pipeline whose ranks failed ends the worker (exit code 1) after failing that job; the
+supervisor restarts it with fresh ranks. `ovi-server worker` (cli.py) runs one per process.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Worker:
             self.id, host, pid, device or config.device, WorkerState.LOADING, started_at=time.time()
         )
         self.stats: dict[str, float] = {}
+        self.exit_code = 0  # what `ovi-server worker` exits with: 1 when its pipeline broke
         # Where each job's scratch directory goes (`serve`: <data dir>/tmp); there, those left by dead
         # processes are swept at start-up. The system temp dir (the default) is not swept: not ours alone.
         self.tmp_dir = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
@@ -134,6 +136,13 @@ class Worker:
             self._set_state(WorkerState.IDLE)
             self.ready.set()
             while not self._stop.is_set():
+                # A parallel pipeline whose ranks failed takes no more jobs (its job failed, saying why).
+                # Exiting loses nothing: the supervisor restarts this worker with fresh ranks.
+                broken = getattr(self.pipeline, "broken", None)
+                if broken is not None:
+                    logger.error("worker %s exits to restart its parallel ranks: %s", self.id, broken)
+                    self.exit_code = 1
+                    break
                 try:
                     self.run_once(self.poll_s)
                 except Exception:  # noqa: BLE001 -- e.g. the store is briefly unreachable: keep serving
@@ -398,11 +407,14 @@ def random_seed(job_id: str) -> int:
 
 def _infrastructure_failure(exc: Exception, request: GenerationRequest) -> JobFailure:
     w, h = request.size or (0, 0)
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+    # torch.OutOfMemoryError, without importing torch here; on any rank of a parallel group (RankFailed)
+    if getattr(exc, "error_type", type(exc).__name__) == "OutOfMemoryError":
+        rank = getattr(exc, "rank", None)
+        where = "" if rank is None else f" on parallel rank {rank}"
         return JobFailure(
             FailureKind.OUT_OF_MEMORY,
-            f"out of accelerator memory generating {w}x{h} with {request.steps} steps; retry with a smaller "
-            "resolution, or restart the server with --offload model (or block) or --fp8",
+            f"out of accelerator memory{where} generating {w}x{h} with {request.steps} steps; retry with a "
+            "smaller resolution, or restart the server with --offload model (or block) or --fp8",
         )
     return JobFailure(
         FailureKind.INTERNAL,

@@ -7,8 +7,12 @@ Spawned process groups take seconds to start on a 2-core CI machine, so one spaw
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import multiprocessing
 import subprocess
 import sys
+import threading
+import time
 
 import av
 import numpy as np
@@ -161,6 +165,140 @@ def test_a_cancelled_request_stops_every_rank_and_the_next_one_runs(tmp_path):
         assert clip.path.stat().st_size > 0
     finally:
         pipeline.close()
+
+
+FAILS_WITHIN_S = 30  # a failed rank ends the request within this (before the fix: after 30 minutes)
+
+
+def _raise_on_call(module: torch.nn.Module, n: int, error: BaseException) -> None:
+    """`module` raises `error` at the start of its n-th call. On block 0 of the video tower (which skip-layer
+    guidance never skips; 2 calls per forward, 2 forwards per step), n=6 is the second step's positive
+    pass, after the Ulysses all-to-alls of its self-attention: the other ranks wait in the next one."""
+    calls = itertools.count(1)
+
+    def hook(_module, _args):
+        if next(calls) == n:
+            raise error
+
+    module.register_forward_pre_hook(hook)
+
+
+def _follow_then_fail(group: ParallelGroup, engine) -> None:
+    """A follower (`pipeline._follow`) whose model fails in the middle of the first request."""
+    from ovi_server.engine.pipeline import OviPipeline
+
+    pipeline = OviPipeline.from_config(engine, group)
+    _raise_on_call(pipeline.fusion.video_model.blocks[0], 6, RuntimeError("injected failure on a follower"))
+    group.follow(pipeline.fusion)
+
+
+def _live_ranks() -> list[str]:
+    return [p.name for p in multiprocessing.active_children() if p.name.startswith("ovi-rank")]
+
+
+def _close(pipeline) -> None:
+    """pipeline.close(), after killing any rank still alive: a regression fails the test, not hangs it."""
+    for proc in multiprocessing.active_children():
+        if proc.name.startswith("ovi-rank"):
+            proc.kill()
+    pipeline.close()
+
+
+def _in_thread(fn) -> dict:
+    """Runs `fn` in a thread; returns what it raised (or returned) once it ends, failing the test if that
+    takes longer than FAILS_WITHIN_S: a rank waiting for a dead one would wait for 30 minutes."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(FAILS_WITHIN_S)
+    assert not thread.is_alive(), f"still running after {FAILS_WITHIN_S}s: a rank is waiting for a dead one"
+    outcome["seconds"] = time.monotonic() - started
+    return outcome
+
+
+def test_a_follower_failing_mid_request_fails_it_promptly_naming_the_rank(tmp_path, monkeypatch):
+    from ovi_server.config import EngineConfig
+    from ovi_server.engine import pipeline as pipeline_module
+    from ovi_server.errors import RankFailed
+    from ovi_server.request import GenerationRequest
+
+    monkeypatch.setattr(pipeline_module, "_follow", _follow_then_fail)  # what rank 1 is spawned to run
+    pipeline = pipeline_module.OviPipeline.from_config(EngineConfig(variant="tiny", device="cpu", sp=2))
+    request = GenerationRequest(prompt="A cat says <S>hi<E> Audio: purr", seed=1)
+    try:
+        failed = _in_thread(lambda: pipeline.generate(request, tmp_path / "failed.mp4"))
+        error = failed.get("error")
+        assert isinstance(error, RankFailed), failed
+        assert "parallel rank 1 of 2 failed: RuntimeError: injected failure on a follower" in str(error)
+        assert not (tmp_path / "failed.mp4").exists()
+        assert _live_ranks() == []  # no rank left waiting in a collective
+        # the group is stopped for good: the next request is refused at once instead of hanging
+        again = _in_thread(lambda: pipeline.generate(request, tmp_path / "next.mp4"))
+        assert isinstance(again.get("error"), RankFailed) and pipeline.broken is not None
+        assert again["seconds"] < 5
+    finally:
+        _close(pipeline)
+
+
+def test_a_follower_killed_between_requests_is_noticed_and_named(tmp_path):
+    from ovi_server.config import EngineConfig
+    from ovi_server.engine.pipeline import OviPipeline
+    from ovi_server.errors import RankFailed
+    from ovi_server.request import GenerationRequest
+
+    pipeline = OviPipeline.from_config(EngineConfig(variant="tiny", device="cpu", sp=2))
+    try:
+        (rank1,) = [p for p in multiprocessing.active_children() if p.name == "ovi-rank1"]
+        rank1.kill()  # as the kernel's OOM killer would: no traceback, no report
+        deadline = time.monotonic() + FAILS_WITHIN_S
+        while pipeline.broken is None and time.monotonic() < deadline:  # the leader's watcher thread
+            time.sleep(0.05)
+        assert "parallel rank 1 of 2 failed: its process ended (killed by SIGKILL)" in str(pipeline.broken)
+        request = GenerationRequest(prompt="A cat says <S>hi<E> Audio: purr", seed=1)
+        refused = _in_thread(lambda: pipeline.generate(request, tmp_path / "next.mp4"))
+        assert isinstance(refused.get("error"), RankFailed) and refused["seconds"] < 5
+    finally:
+        _close(pipeline)
+
+
+def test_a_leader_failing_mid_request_fails_the_job_stops_the_ranks_and_the_worker_exits(tmp_path):
+    from ovi_server.config import EngineConfig
+    from ovi_server.engine.pipeline import OviPipeline
+    from ovi_server.jobs.files import LocalFiles
+    from ovi_server.jobs.sqlite import SqliteJobStore
+    from ovi_server.jobs.store import FailureKind, JobStatus, NewJob
+    from ovi_server.jobs.worker import Worker
+    from ovi_server.request import GenerationRequest
+
+    engine = EngineConfig(variant="tiny", device="cpu", sp=2)
+    pipeline = OviPipeline.from_config(engine)
+    _raise_on_call(pipeline.fusion.video_model.blocks[0], 6, torch.OutOfMemoryError("injected on rank 0"))
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    request = GenerationRequest(prompt="A cat says <S>hi<E> Audio: purr", seed=1)
+    job = store.submit(NewJob(app="fal-ai/ovi", request=request))
+    waiting = store.submit(NewJob(app="fal-ai/ovi", request=request))
+    worker = Worker(engine, store, LocalFiles(tmp_path / "files"), pipeline=pipeline, poll_s=0.1)
+    try:
+        ran = _in_thread(worker.run_forever)  # ends by itself: the worker exits once its ranks failed
+        assert "error" not in ran, ran
+        failed = store.get(job.id)
+        assert failed.status is JobStatus.FAILED and failed.failure.kind is FailureKind.OUT_OF_MEMORY
+        assert worker.exit_code == 1  # `ovi-server worker` exits 1; the supervisor starts fresh ranks
+        assert _live_ranks() == []  # none left waiting in a collective
+        assert store.get(waiting.id).status is JobStatus.QUEUED  # for the restarted worker
+        messages = [line.message for line in store.logs(job.id)]
+        assert any("out of accelerator memory on parallel rank 0" in m for m in messages), messages
+    finally:
+        worker.stop()
+        _close(pipeline)
 
 
 def _decode(path):
