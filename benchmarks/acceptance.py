@@ -7,6 +7,10 @@ Each item ends PASS, FAIL (measured value and target) or SKIP (with the reason);
 their values). On a CPU (`--device cpu --variant tiny`) every item that can run on a CPU runs on the tiny
 model and checks what a CPU can check (outputs, not H100 targets); the rest are skipped with the reason.
 
+The last items run fal's default request as the server would on a 32 GB and on a 24 GB card: a fresh
+process per card, limited with --gpu-memory (the allocator refuses more, as the card would), making its
+own automatic choices; about a minute and a half each on an H200 (`--skip card` leaves them out).
+
 A CUDA run appends its table to benchmarks/RESULTS.md; a CPU run only with --record. The JSON (--json)
 is rewritten after every item, so a run cut short still leaves what it measured.
 """
@@ -77,6 +81,12 @@ TIMED_STEPS = 3  # per step measurement: the first is the warm-up
 E2E_TARGET_S = 32.0
 PEAK_TARGET_GB = 32.0  # GiB (2**30 bytes, as GB in benchmarks/run.py), the unit of "24 GB" cards
 OFFLOAD_PEAK_TARGET_GB = 24.0
+# Smaller cards, emulated on the one we have with --gpu-memory (PyTorch's allocator refuses more, as the
+# card would): the GiB each reports (RTX 5090: 32607 MiB, RTX 4090: 24564 MiB), less the CUDA context,
+# which is outside the allocator. Each runs fal's default request in a process of its own.
+CARDS = (("32 GB card", 31.8), ("24 GB card", 24.0))
+CUDA_CONTEXT_GB = 0.5
+CARD_TIMEOUT_S = 300
 OFFLOAD_STEP_TARGET = 1.15  # x the resident step
 STEP_RATIO_TARGET = 0.6  # x the reference's eager step
 BF16_AGREEMENT = 2e-2  # relative L2 distance between two bf16 runs of the same maths
@@ -134,6 +144,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="append the table to --results (default: on for CUDA runs, off on a CPU)",
     )
     p.add_argument("--results", type=Path, default=RESULTS, help="the RESULTS.md to append to")
+    # internal: the card items' child process (fal's default request under --gpu-memory GIB, JSON to --json)
+    p.add_argument("--card-child", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -141,6 +153,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.card_child is not None:
+        return card_child(args)
     placement = resolve_placement(args.device, "auto")
     device = placement.device
     variant = args.variant or ("720x720_5s" if device.type == "cuda" else "tiny")
@@ -200,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record(result)
         del ctx, pipe
         gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the card items run in processes of their own: leave them the device
+        for card, card_gb in CARDS:
+            item = f"{card}: end to end"
+            for result in _run(item, args, lambda c=card_gb: card_e2e(device, config_path, c, Path(tmp))):
+                record(result)
     env["load_average_end"] = list(os.getloadavg())
     counts = report()["summary"]
     recording = args.record if args.record is not None else device.type == "cuda"
@@ -273,6 +293,7 @@ def e2e_default_request(ctx: Context) -> Result:
     frames_ok = info["num_frames"] == clip.num_frames and info["video_codec"] == "h264"
     data = {
         "s": seconds,
+        "valid_mp4": frames_ok,
         "timings": clip.timings,
         "size": [clip.width, clip.height],
         "frames": clip.num_frames,
@@ -681,6 +702,66 @@ def fp8_storage(ctx: Context) -> Result:
         note,
         data={"peak_gb": peak, "step_s": step, "weights_gb": fp8_gb, "relative_l2": distance},
     )
+
+
+def card_e2e(device: torch.device, variant: Path, card_gb: float, scratch: Path) -> Result:
+    """fal's default request as the server runs it on a smaller card: a fresh process limited with
+    --gpu-memory, its own automatic choices (offload, where umt5 lives, tiling, compile), the whole
+    pipeline built and run. Target: it completes, within the card."""
+    if device.type != "cuda":
+        raise Skip("--gpu-memory limits CUDA memory (a tiny run: tests/gpu/test_cuda.py)")
+    budget = card_gb - CUDA_CONTEXT_GB
+    out = scratch / f"card-{budget:g}.json"
+    command = [sys.executable, "-m", "benchmarks.acceptance", "--card-child", f"{budget:g}"]
+    command += ["--device", str(device), "--variant", str(variant), "--json", str(out)]
+    # its log goes to our stderr as it runs: what a cut-short run was doing
+    done = subprocess.run(command, cwd=REPO_ROOT, timeout=CARD_TIMEOUT_S, check=False)
+    if done.returncode != 0 or not out.exists():
+        return Result("", "FAIL", f"exit code {done.returncode}", f"completes within {budget:g} GiB")
+    data = json.loads(out.read_text())
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in data["stage_peaks_gb"].items())
+    note = (
+        f"--gpu-memory {budget:g}: offload {data['offload']}, umt5 {data['text_encoder']}, decode "
+        f"{'tiled' if data['tiled'] else 'untiled'}, compiled {data['compiled']}; built in {data['build_s']:.0f} s; "
+        f"peak GiB by stage {stages}; timings "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in data["timings"].items())
+    )
+    ok = data["valid_mp4"] and data["peak_gb"] <= budget
+    return Result(
+        "",
+        "PASS" if ok else "FAIL",
+        f"{data['s']:.1f} s, peak {data['peak_gb']:.1f} GiB",
+        f"completes within {budget:g} GiB",
+        note,
+        data=data,
+    )
+
+
+def card_child(args: argparse.Namespace) -> int:
+    """The card item's process: builds the pipeline under --gpu-memory and runs the e2e item."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("ovi_server").setLevel(logging.INFO)
+    started = time.perf_counter()
+    pipe = OviPipeline.from_config(
+        EngineConfig(variant=args.variant, device=args.device, gpu_memory=args.card_child)
+    )
+    build_s = time.perf_counter() - started
+    with tempfile.TemporaryDirectory(prefix="ovi-card-") as tmp:
+        placement = pipe.placement
+        ctx = Context(
+            args, placement.device, placement.dtype, pipe, _synchronizer(placement.device), Path(tmp)
+        )
+        result = e2e_default_request(ctx)
+    data = {
+        **result.data,
+        "build_s": build_s,
+        "offload": placement.offload,
+        "text_encoder": "visits layer by layer" if "text_encoder" in pipe.visitors else "resident",
+        "tiled": bool(pipe.video_vae.autoencoder.use_tiling),
+        "compiled": pipe.compiled,
+    }
+    args.json.write_text(json.dumps(data, indent=2) + "\n")
+    return 0
 
 
 # in this order: the offload, compile and fp8 items change the shared model and put it back (fp8: last)

@@ -50,10 +50,37 @@ def test_cpu_run_passes_what_a_cpu_can_check_and_skips_the_rest(tmp_path):
     assert "CUDA" in skipped["pytest -m gpu"]
     assert "bfloat16 or float16" in skipped["attention _native_cudnn vs native"]
     assert "--reference" in skipped["step vs reference"]
+    assert "--gpu-memory limits CUDA memory" in skipped["32 GB card: end to end"]
     assert all(skipped.values()), skipped  # every skip says why
     counts = report["summary"]
     assert last == f"acceptance: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"
     assert RESULTS.read_bytes() == before  # a CPU run records only when asked (--record)
+
+
+def test_card_child_reports_the_choices_it_ran_with(tmp_path):
+    """The card items' process (on a GPU: fal's default request under --gpu-memory) on the tiny model:
+    its JSON says what the pipeline chose and what the request took."""
+    out = tmp_path / "card.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.acceptance", "--card-child", "8", "--device", "cpu"]
+        + ["--variant", "tiny", "--json", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--gpu-memory has no effect on the CPU" in done.stderr
+    data = json.loads(out.read_text())
+    assert data["valid_mp4"] is True and data["s"] > 0 and data["build_s"] > 0
+    assert (data["offload"], data["text_encoder"], data["tiled"], data["compiled"]) == (
+        "none",
+        "resident",
+        False,
+        False,
+    )
+    assert set(data["timings"]) == {"encode_text", "denoise", "decode", "mux"}
 
 
 def test_recorded_run_appends_its_table(tmp_path):

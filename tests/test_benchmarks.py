@@ -126,3 +126,21 @@ def test_reference_step_loop_leaves_no_autocast_between_steps():
         assert video.shape == (48, 1, 2, 2)
         seen += 1
     assert seen == 3
+
+
+def test_mux_bench_paced_reports_the_encode_left_after_the_last_chunk():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mux", "--size", "64x32", "--frames", "9", "--repeats", "1"]
+        + ["--pace", "0.01"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert set(report["tail_s"]) == set(report["total_s"]) == {"noise", "smooth"}
+    # the frames took at least 3 chunks x 10 ms to arrive, and the tail is part of the total
+    assert all(report["total_s"][k] >= 0.03 + report["tail_s"][k] for k in ("noise", "smooth"))
+    assert report["file_bytes"]["noise"] > report["file_bytes"]["smooth"] > 0
