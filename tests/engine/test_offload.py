@@ -108,3 +108,25 @@ def test_text_encoder_visits_layer_by_layer_with_only_the_running_and_next_onloa
     for i, onloaded in seen:
         assert onloaded == [j in (i, i + 1) for j in range(n)], (i, onloaded)
     assert not any(g.is_onloaded() for g in streamer.groups)  # nothing left on the device after
+
+
+def test_host_masters_are_views_of_one_block_of_exactly_their_size():
+    """The masters share one host block sized to the weights (512-byte aligned), not one rounded-up block
+    per tensor (what per-tensor pinning costs), and a tensor two modules share is mastered once."""
+    shared = torch.nn.Linear(300, 7)
+    model = torch.nn.Sequential(shared, torch.nn.LayerNorm(7), shared)
+    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(0))
+    expected = model[:2](x)
+    weights = HostWeights([model], pin=False)
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]  # deduplicated by nn.Module
+    assert weights.block.numel() == sum(-(-n // 512) * 512 for n in sizes) == 8704 + 3 * 512
+    base = weights.block.data_ptr()
+    for _, _, _, host in weights.entries:
+        assert base <= host.data_ptr() < base + weights.block.numel() and host.data_ptr() % 512 == 0
+    assert torch.equal(model[:2](x), expected)  # the same values, now in the block
+    assert model[0].weight.data_ptr() == model[2].weight.data_ptr()
+    weights.onload(torch.device("cpu"))
+    assert not base <= model[0].weight.data_ptr() < base + weights.block.numel()  # a device copy
+    assert torch.equal(model[:2](x), expected)
+    weights.offload()
+    assert base <= model[0].weight.data_ptr() < base + weights.block.numel()

@@ -142,3 +142,18 @@ def test_gpu_memory_limit_holds_the_choices_and_the_allocator(tmp_path):
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_host_weights_are_page_locked_in_one_exact_block():
+    """cudaHostRegister on one block of exactly the weights' size (CPU twin: tests/engine/test_offload.py)."""
+    from ovi_server.engine.offload import HostWeights
+
+    layer = torch.nn.Linear(3000, 1001)
+    expected = layer(torch.ones(1, 3000))
+    weights = HostWeights([layer], pin=True)
+    assert weights.block.numel() == -(-3000 * 1001 * 4 // 512) * 512 + 4096
+    assert all(host.is_pinned() for *_, host in weights.entries)
+    weights.onload(torch.device("cuda"))
+    assert layer.weight.is_cuda
+    torch.testing.assert_close(layer(torch.ones(1, 3000, device="cuda")).cpu(), expected, atol=1e-4, rtol=0)
+    weights.offload()
