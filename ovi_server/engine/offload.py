@@ -111,7 +111,8 @@ def host_block(nbytes: int, pin: bool) -> Tensor:
     if pin and nbytes:
         cudart = torch.cuda.cudart()
         pointer = block.data_ptr()
-        error = int(cudart.cudaHostRegister(pointer, nbytes, 0))
+        # 1 = cudaHostRegisterPortable: pinned for every device's context, not only the current one's
+        error = int(cudart.cudaHostRegister(pointer, nbytes, 1))
         if error:
             raise RuntimeError(
                 f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed: error {error}"
