@@ -158,7 +158,8 @@ class OviPipeline:
             engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8, engine.gpu_memory
         )
         if placement.offload == "auto":
-            offload = choose_offload(cfg, placement, total_memory(placement.device, placement.memory_limit))
+            total = total_memory(placement.device, placement.memory_limit)
+            offload = choose_offload(cfg, placement, total, batched=engine.batch_guidance == "on")
             placement = dataclasses.replace(placement, offload=offload)
         # one real call in the dtype and head sizes the model uses, before minutes of loading
         check_attention_backend(
@@ -224,9 +225,8 @@ class OviPipeline:
             if "text_encoder" in visitors and placement.offload == "none":
                 models = sum(map(module_bytes, (fusion, video_vae, audio_decoder)))
                 text_bytes = meta_bytes(build_umt5(cfg.text_encoder), placement.dtype)
-                if text_encoder_fits(
-                    cfg, models + text_bytes, total_memory(placement.device, placement.memory_limit)
-                ):
+                total = total_memory(placement.device, placement.memory_limit)
+                if text_encoder_fits(cfg, models + text_bytes, total, batched=engine.batch_guidance == "on"):
                     home["text_encoder"] = placement
                     visitors = visitors - {"text_encoder"}
             if random:
@@ -587,20 +587,37 @@ def _denoise_progress(on_progress: ProgressCallback) -> StepCallback:
     return on_step
 
 
-# Device memory kept free for the work between the weights: the untiled video decode of the variant's
-# default frame (plan_tiling's estimate) plus this much for denoising activations, which for the full
-# model at 720x720 stay under it by the reference's 32 GB figure minus its 21.7 GiB of weights.
-DENOISE_RESERVE_BYTES = 8 * 2**30
+# Device memory denoising needs beyond the weights (latents, text contexts, solver state, one block's
+# activations), per video token of the variant's default frame. Measured on an H200 (benchmarks/RESULTS.md,
+# second GPU run, batch guidance item): 704x704, 15,004 video tokens, peaked 1.3 GiB above the weights
+# eager (0.9 compiled): 93 KB a token; twice that with both guidance passes in one batch. Taken with a
+# 1.5x margin, plus 1 GiB for what does not scale with tokens (cuBLAS and cuDNN workspaces, the
+# allocator's fragmentation): 3.0 GiB for 720x720_5s, 8.1 GiB for 960x960_10s.
+DENOISE_BYTES_PER_TOKEN = int(93_000 * 1.5)
+DENOISE_FIXED_BYTES = 2**30
 
 
-def text_encoder_fits(cfg: OviConfig, model_bytes: int, total_bytes: int | None) -> bool:
-    """Whether every model (the text encoder included) and the working reserve fit on the device at
-    once; then the text encoder stays there instead of visiting for every new prompt."""
+def denoise_reserve_bytes(cfg: OviConfig, batched: bool = False) -> int:
+    """Device memory to keep free for denoising the variant's default frame (see above)."""
+    side = round(math.sqrt(cfg.video_area))
+    tokens = t2v_shape(
+        side, side, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length
+    ).video_tokens
+    return DENOISE_FIXED_BYTES + tokens * DENOISE_BYTES_PER_TOKEN * (2 if batched else 1)
+
+
+def text_encoder_fits(
+    cfg: OviConfig, model_bytes: int, total_bytes: int | None, batched: bool = False
+) -> bool:
+    """Whether every model (the text encoder included) and the working reserve (an untiled decode and
+    denoising) fit on the device at once; then the text encoder stays there instead of visiting for
+    every new prompt."""
     if total_bytes is None:
         return False
     side = round(math.sqrt(cfg.video_area))
     shape = t2v_shape(side, side, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
-    reserve = decode_memory_estimate(shape.video_latent_shape, cfg.video_vae) + DENOISE_RESERVE_BYTES
+    decode = decode_memory_estimate(shape.video_latent_shape, cfg.video_vae)
+    reserve = decode + denoise_reserve_bytes(cfg, batched)
     fits = model_bytes + reserve <= total_bytes
     logger.info(
         "text encoder %s: models %.1f GiB + reserve %.1f GiB %s %.1f GiB of device memory",
@@ -615,20 +632,23 @@ def text_encoder_fits(cfg: OviConfig, model_bytes: int, total_bytes: int | None)
     return fits
 
 
-def choose_offload(cfg: OviConfig, placement: Placement, total_bytes: int | None) -> str:
+def choose_offload(
+    cfg: OviConfig, placement: Placement, total_bytes: int | None, batched: bool = False
+) -> str:
     """--offload auto: "none" when the fusion model, both decoders and the denoising reserve fit in the
     device's memory (the text encoder visits if it does not fit beside them, and the decode tiles when
     free memory is short), else "block", which streams the fusion model from host memory."""
     if total_bytes is None:
         return "none"
-    needed = resident_model_bytes(cfg, placement) + DENOISE_RESERVE_BYTES
+    reserve = denoise_reserve_bytes(cfg, batched)
+    needed = resident_model_bytes(cfg, placement) + reserve
     choice = "none" if needed <= total_bytes else "block"
     logger.info(
         "--offload auto: %s (fusion model and decoders %.1f GiB + denoising reserve %.1f GiB %s %.1f GiB "
         "of device memory)",
         choice,
-        (needed - DENOISE_RESERVE_BYTES) / 2**30,
-        DENOISE_RESERVE_BYTES / 2**30,
+        (needed - reserve) / 2**30,
+        reserve / 2**30,
         "<=" if choice == "none" else ">",
         total_bytes / 2**30,
     )

@@ -306,7 +306,8 @@ def test_models_size_is_known_before_loading(pipeline):
     [
         (80, False, "none"),  # an H100: everything resident, as measured (benchmarks/RESULTS.md)
         (48, False, "none"),
-        (32, False, "block"),  # 25 GiB of weights + the 8 GiB denoising reserve do not fit
+        (32, False, "none"),  # 25.1 GiB of weights + a 3.0 GiB denoising reserve (the decode tiles)
+        (28, False, "block"),
         (24, False, "block"),
         (24, True, "none"),  # fp8 Linear weights: 15 GiB
     ],
@@ -319,6 +320,17 @@ def test_offload_auto_streams_blocks_only_when_the_models_do_not_fit(gib, fp8, e
     placement = Placement(torch.device("cuda"), torch.bfloat16, "auto", "native", fp8)
     assert choose_offload(load_variant("720x720_5s"), placement, gib * 2**30) == expected
     assert choose_offload(load_variant("720x720_5s"), placement, None) == "none"  # not a GPU
+
+
+def test_denoising_reserve_grows_with_the_tokens_and_with_batched_guidance():
+    from ovi_server.config import load_variant
+    from ovi_server.engine.pipeline import denoise_reserve_bytes
+
+    gib = {name: denoise_reserve_bytes(load_variant(name)) / 2**30 for name in ("720x720_5s", "960x960_10s")}
+    assert 2.9 < gib["720x720_5s"] < 3.1  # 15,004 tokens x 139.5 KB + 1 GiB
+    assert 8.0 < gib["960x960_10s"] < 8.3  # 54,900 tokens
+    batched = denoise_reserve_bytes(load_variant("720x720_5s"), batched=True) / 2**30
+    assert batched - 1 == pytest.approx(2 * (gib["720x720_5s"] - 1))
 
 
 def test_offload_auto_is_none_on_the_cpu(pipeline, caplog):
