@@ -121,6 +121,8 @@ class Mp4Writer:
     def add(self, frames: Tensor | np.ndarray, layout: Layout = "thwc") -> None:
         """Queues frames ([T, H, W, 3] uint8 by default; any `write_mp4` layout); raises the encoder's
         error if it has failed."""
+        if self._done:
+            raise ValueError("frames added to a writer that is closed or aborted")
         self._raise_encoder_error()
         array = _frames_thwc_uint8(frames, layout)
         if self._size is None:
@@ -141,6 +143,8 @@ class Mp4Writer:
     def close(self, audio: Tensor | np.ndarray | None = None) -> Path:
         """Finishes the file and moves it to `path`. `audio` ([N], [1, N] or [1, 1, N] float in [-1, 1]
         at `sample_rate`) is cut or padded with silence to the video's duration (frames / fps)."""
+        if self._done:
+            raise ValueError("the writer is closed or aborted already")
         try:
             if self.num_frames == 0:
                 raise ValueError("no video frames to write")
@@ -164,6 +168,11 @@ class Mp4Writer:
     def abort(self) -> None:
         """Stops the encoder and removes the partial file; nothing appears at `path`."""
         if self._thread.is_alive():
+            while True:  # frames still queued are not worth encoding
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
             self._put(_ABORT, check=False)
             self._thread.join()
         self._tmp.unlink(missing_ok=True)

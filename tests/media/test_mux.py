@@ -131,6 +131,18 @@ def test_frames_added_in_chunks_play_in_order(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"] and _encoder_threads() == []
 
 
+def test_a_closed_writer_takes_nothing_more(tmp_path):
+    frames = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    with Mp4Writer(tmp_path / "a.mp4") as writer:
+        writer.add(frames)
+        path = writer.close(_tone(1 / FPS))
+        with pytest.raises(ValueError, match="closed or aborted"):
+            writer.add(frames)
+        with pytest.raises(ValueError, match="closed or aborted"):
+            writer.close(_tone(1 / FPS))
+    assert probe(path)["num_frames"] == 1  # the file stands
+
+
 def test_leaving_the_writer_by_an_error_leaves_no_file(tmp_path):
     frames = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="decode failed"), Mp4Writer(tmp_path / "a.mp4") as writer:
