@@ -332,7 +332,7 @@ def e2e_peak_memory(ctx: Context) -> Result:
     if "e2e_peak_gb" not in ctx.measured:
         raise Skip("the end-to-end item did not run")
     peak = ctx.measured["e2e_peak_gb"]
-    resident = "umt5 resident" if "text_encoder" not in ctx.pipe.visitors else "umt5 visiting"
+    resident = "umt5 resident" if "text_encoder" not in ctx.pipe.visitors else "umt5 visits layer by layer"
     stages = ctx.measured.get("e2e_stage_peaks_gb", {})
     resident += "; by stage " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
     return Result(
