@@ -374,6 +374,55 @@ def decode_estimate(ctx: Context) -> Result:
     )
 
 
+def decode_autotune(ctx: Context) -> Result:
+    """The chunked video decode of fal's default shape (as the pipeline runs it, untiled) with cuDNN's
+    autotuner (torch.backends.cudnn.benchmark, off by default and in the reference) against without:
+    whether picking the fastest convolution algorithms pays, and how much the frames change."""
+    if not ctx.cuda:
+        raise Skip("cuDNN's autotuner is CUDA's")
+    shape = _shape(ctx, FAL_SIZE)
+    generator = torch.Generator(ctx.device).manual_seed(0)
+    latent = torch.randn(
+        1, *shape.video_latent_shape, generator=generator, device=ctx.device, dtype=ctx.dtype
+    )
+
+    def decode() -> tuple[float, Tensor]:
+        with ctx.pipe._on_device("video_vae") as vae:
+            vae.set_tiling(False)
+            ctx.sync()
+            started = time.perf_counter()
+            frames = [video_to_uint8(chunk).cpu() for chunk in vae.decode_chunks(latent)]
+            ctx.sync()
+            return time.perf_counter() - started, torch.cat(frames, dim=2)
+
+    decode()  # warm, as a serving process is
+    off_s, off = decode()
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        tuning_s, _ = decode()  # the first decode of a shape pays for the tuning
+        on_s, on = decode()
+    finally:
+        torch.backends.cudnn.benchmark = before
+    levels = (on.int() - off.int()).abs()
+    changed = (levels > 0).float().mean().item()
+    return Result(
+        "",
+        "PASS" if on.shape == off.shape else "FAIL",
+        f"{on_s:.2f} s vs {off_s:.2f} s ({off_s / on_s:.2f}x)",
+        "reported (same frame count)",
+        f"autotuned vs default, {shape.width}x{shape.height}; first autotuned decode {tuning_s:.2f} s; "
+        f"uint8 values changed {100 * changed:.3f}%, at most by {levels.max().item()}",
+        data={
+            "off_s": off_s,
+            "on_s": on_s,
+            "tuning_s": tuning_s,
+            "changed": changed,
+            "max_levels": levels.max().item(),
+        },
+    )
+
+
 def attention_backends(ctx: Context) -> list[Result]:
     """Each backend that can run here against native (PyTorch SDPA), one forward on the same inputs."""
     names = (
@@ -769,6 +818,7 @@ ITEMS: list[tuple[str, Callable[[Context], Result | list[Result]]]] = [
     ("end to end: fal default request", e2e_default_request),
     ("end to end: peak memory", e2e_peak_memory),
     ("video decode memory vs estimate", decode_estimate),
+    ("video decode: cuDNN autotune", decode_autotune),
     ("attention backends", attention_backends),
     ("bf16 drift vs reference", bf16_drift),
     ("step vs reference", step_vs_reference),

@@ -25,6 +25,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -61,6 +62,7 @@ RENDEZVOUS_TIMEOUT = timedelta(minutes=3)  # every rank joins within this, or st
 # after a rank failed, how long rank 0 may stay inside the job before it ends its own process: gloo fails
 # a collective whose peer is gone at once, but an NCCL collective may wait for the dead rank until TIMEOUT
 FAILED_GRACE = timedelta(seconds=15)
+LEADER_POLL_S = 1.0  # how often a follower checks that rank 0 is alive
 
 
 @dataclass(frozen=True)
@@ -435,6 +437,9 @@ def _follower_main(
     args: tuple,
     errors: Any,
 ) -> None:
+    threading.Thread(
+        target=_exit_with_leader, args=(os.getppid(),), name="ovi-leader-watch", daemon=True
+    ).start()
     try:
         group = init_group(spec, rank, _follower_store(port, spec.world_size), device_type)
         follower(group, *args)
@@ -446,6 +451,16 @@ def _follower_main(
         # connections, which fails theirs (gloo), and rank 0's watcher sees the process end (any backend).
         os._exit(1)
     close_group()
+
+
+def _exit_with_leader(leader_pid: int) -> None:
+    """A follower does not outlive rank 0, its parent: if rank 0 is killed (SIGKILL, the OOM killer), a
+    follower blocked in an NCCL collective would hold its GPU's memory until TIMEOUT, and the worker the
+    supervisor restarts would find the GPU full. The parent is polled rather than asked for with
+    PR_SET_PDEATHSIG, which fires when the thread that spawned us ends, not the process."""
+    while os.getppid() == leader_pid:
+        time.sleep(LEADER_POLL_S)
+    os._exit(1)
 
 
 # ----------------------------------------------------------------------------------------- SPMD mode

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -299,6 +300,50 @@ def test_a_leader_failing_mid_request_fails_the_job_stops_the_ranks_and_the_work
     finally:
         worker.stop()
         _close(pipeline)
+
+
+LEADER = """
+import multiprocessing, time
+from ovi_server.engine.parallel import ParallelSpec, start_followers
+from tests.engine.test_parallel import block_forever
+
+start_followers(ParallelSpec(sp=2), "cpu", block_forever)
+print(*[p.pid for p in multiprocessing.active_children() if p.name.startswith("ovi-rank")], flush=True)
+time.sleep(600)
+"""
+
+
+def block_forever(group: ParallelGroup) -> None:
+    """A follower stuck where a dead peer does not wake it (in an NCCL collective on a GPU)."""
+    while True:
+        time.sleep(1)
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie nobody reaps, where the reaper is not init, counts)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_followers_exit_when_the_leader_is_killed():
+    """SIGKILL of rank 0 (the OOM killer, say) leaves no follower behind holding its device, even one
+    that no collective will wake (gloo wakes an idle follower anyway: its peer's socket closes)."""
+    leader = subprocess.Popen(
+        [sys.executable, "-c", LEADER], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        followers = [int(pid) for pid in leader.stdout.readline().split()]
+        assert len(followers) == 1 and not _gone(followers[0])
+    finally:
+        leader.kill()
+        leader.wait()
+    deadline = time.monotonic() + FAILS_WITHIN_S
+    while not all(map(_gone, followers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(map(_gone, followers)), f"rank 1 (pid {followers}) outlived rank 0"
 
 
 def _decode(path):
