@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,15 @@ def golden_cases(component: str) -> list[GoldenCase]:
             f"golden vectors missing: {GOLDEN_DIR / component}; it ships with the repository (tests/golden)"
         )
     return load_cases(GOLDEN_DIR, component)
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m module args...` from the repository root, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

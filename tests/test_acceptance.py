@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "RESULTS.md"
@@ -16,24 +16,7 @@ RESULTS = REPO_ROOT / "benchmarks" / "RESULTS.md"
 def test_cpu_run_passes_what_a_cpu_can_check_and_skips_the_rest(tmp_path):
     before = RESULTS.read_bytes()
     out = tmp_path / "acceptance.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.acceptance",
-            "--device",
-            "cpu",
-            "--variant",
-            "tiny",
-            "--json",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = run_module("benchmarks.acceptance", "--device", "cpu", "--variant", "tiny", "--json", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"acceptance: \d+ passed, 0 failed, \d+ skipped", last), last
@@ -61,15 +44,8 @@ def test_card_child_reports_the_choices_it_ran_with(tmp_path):
     """The card items' process (on a GPU: fal's default request under --gpu-memory) on the tiny model:
     its JSON says what the pipeline chose and what the request took."""
     out = tmp_path / "card.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.acceptance", "--card-child", "8", "--device", "cpu"]
-        + ["--variant", "tiny", "--json", str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    flags = ("--card-child", "8", "--device", "cpu", "--variant", "tiny", "--json", str(out))
+    done = run_module("benchmarks.acceptance", *flags, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--gpu-memory has no effect on the CPU" in done.stderr
     data = json.loads(out.read_text())

@@ -8,19 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bench(*flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", *flags],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return run_module("benchmarks.run", *flags)
 
 
 @pytest.mark.slow
@@ -129,15 +123,8 @@ def test_reference_step_loop_leaves_no_autocast_between_steps():
 
 
 def test_mux_bench_paced_reports_the_encode_left_after_the_last_chunk():
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.mux", "--size", "64x32", "--frames", "9", "--repeats", "1"]
-        + ["--pace", "0.01"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    flags = ("--size", "64x32", "--frames", "9", "--repeats", "1", "--pace", "0.01")
+    done = run_module("benchmarks.mux", *flags, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert set(report["tail_s"]) == set(report["total_s"]) == {"noise", "smooth"}
