@@ -74,7 +74,9 @@ def _limit_memory(device: torch.device, gib: float) -> int:
         )
     # process-wide for this device, as a smaller card would be; the CUDA context (about 0.5 GiB) is
     # outside the allocator and not counted
-    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    # an index: set_per_process_memory_fraction refuses a bare "cuda" (get_device_properties takes it)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
     logger.info("GPU memory: this process uses at most %.1f of %s's %.1f GiB (--gpu-memory)",
                 limit / 2**30, device, total / 2**30)  # fmt: skip
     return limit

@@ -21,6 +21,7 @@ import logging
 import mmap
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,31 +39,36 @@ class HostWeights:
     where 32 GiB is the need."""
 
     def __init__(self, modules: Iterable[nn.Module], pin: bool):
+        # (owning module, attribute, is_parameter, the Parameter or buffer): a Parameter two modules
+        # share is one object (its `.data` is a new one at every access), so it is mastered once
         found: list[tuple[nn.Module, str, bool, Tensor]] = []
         for module in modules:
             for owner in module.modules():
-                found += [(owner, n, True, p.data) for n, p in owner.named_parameters(recurse=False)]
+                found += [(owner, n, True, p) for n, p in owner.named_parameters(recurse=False)]
                 found += [(owner, n, False, b) for n, b in owner.named_buffers(recurse=False)]
-        unique = {id(t): t for *_, t in found}  # a tensor two modules share is mastered once
-        offsets, size = {}, 0
-        for key, tensor in unique.items():
-            offsets[key] = size
-            size += -(-tensor.numel() * tensor.element_size() // HOST_ALIGN) * HOST_ALIGN
-        self.block = host_block(size, pin)  # uint8 [size]
-        masters = {}
-        for key, tensor in unique.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            view = self.block[offsets[key] : offsets[key] + nbytes].view(tensor.dtype).view(tensor.shape)
-            masters[key] = view.copy_(tensor)
-        # (owning module, attribute, is_parameter, host master)
-        self.entries: list[tuple[nn.Module, str, bool, Tensor]] = []
+        offsets: dict[int, int] = {}
+        size = 0
+        for *_, tensor in found:
+            if id(tensor) not in offsets:
+                offsets[id(tensor)] = size
+                size += -(-tensor.numel() * tensor.element_size() // HOST_ALIGN) * HOST_ALIGN
+        self.block = host_block(size)  # uint8 [size]
+        masters: dict[int, Tensor] = {}
+        self.entries: list[tuple[nn.Module, str, bool, Tensor]] = []  # (..., the host master)
         for owner, name, is_param, tensor in found:
+            if id(tensor) not in masters:
+                start, nbytes = offsets[id(tensor)], tensor.numel() * tensor.element_size()
+                view = self.block[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+                masters[id(tensor)] = view.copy_(tensor.data)
             host = masters[id(tensor)]
+            # pointed at its master at once: the old copy is freed as we go, not all at the end
             if is_param:
-                getattr(owner, name).data = host
+                tensor.data = host
             else:
                 owner._buffers[name] = host
             self.entries.append((owner, name, is_param, host))
+        if pin:  # after filling: locking first would hold the block and the old copies at once
+            lock_pages(self.block)
         self.on_device = False
 
     @property
@@ -102,28 +108,33 @@ class HostWeights:
 HOST_ALIGN = 512  # bytes: every master starts on a boundary of this in its host block
 
 
-def host_block(nbytes: int, pin: bool) -> Tensor:
-    """uint8 [nbytes] of page-aligned host memory (an anonymous mmap, returned to the system when the
-    last view of it goes); `pin`: page-locked with cudaHostRegister, exactly `nbytes`, so copies from it
-    are asynchronous DMA. Unregistered when the block is garbage collected."""
+def host_block(nbytes: int) -> Tensor:
+    """uint8 [nbytes] of page-aligned host memory: an anonymous mmap, returned to the system when the
+    last view of it goes (`torch.frombuffer` keeps the mapping alive)."""
     region = mmap.mmap(-1, max(nbytes, 1))
-    block = torch.frombuffer(region, dtype=torch.uint8)[:nbytes]  # keeps `region` alive
-    if pin and nbytes:
-        cudart = torch.cuda.cudart()
-        pointer = block.data_ptr()
-        # 1 = cudaHostRegisterPortable: pinned for every device's context, not only the current one's
-        error = int(cudart.cudaHostRegister(pointer, nbytes, 1))
-        if error:
-            raise RuntimeError(
-                f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed: error {error}"
-            )
-        # when the owner drops the block (views of it may live on: unpinned then, never freed under them);
-        # `region` rides along so that the memory outlives its registration
-        weakref.finalize(block, _unregister, cudart, pointer, region)
-    return block
+    return torch.frombuffer(region, dtype=torch.uint8)[:nbytes]
 
 
-def _unregister(cudart: object, pointer: int, region: mmap.mmap) -> None:
+def lock_pages(block: Tensor) -> None:
+    """Page-locks `block` (a `host_block`) with cudaHostRegister, exactly its size, so copies from it are
+    asynchronous DMA; unregistered when `block` is garbage collected."""
+    nbytes = block.numel()
+    if nbytes == 0:
+        return
+    cudart = torch.cuda.cudart()
+    pointer = block.data_ptr()
+    # 1 = cudaHostRegisterPortable: pinned for every device's context, not only the current one's
+    error = int(cudart.cudaHostRegister(pointer, nbytes, 1))
+    if error:
+        raise RuntimeError(
+            f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed: error {error}"
+        )
+    # when the owner drops the block (views of it may live on: unpinned then, never freed under them);
+    # the storage rides along so that the memory outlives its registration
+    weakref.finalize(block, _unregister, cudart, pointer, block.untyped_storage())
+
+
+def _unregister(cudart: Any, pointer: int, storage: torch.UntypedStorage) -> None:
     cudart.cudaHostUnregister(pointer)
 
 

@@ -262,10 +262,11 @@ class Followers:
     restarts a server worker with fresh ranks, and its job is queued again when its lease runs out.
     """
 
-    def __init__(self, procs: list[Any], errors: Any, world_size: int):
+    def __init__(self, procs: list[Any], errors: Any, world_size: int, device_type: str):
         self.procs = procs  # rank r is procs[r - 1]
         self.errors = errors  # a SimpleQueue of reports (rank, error_type, summary, traceback)
         self.world_size = world_size
+        self.device_type = device_type  # "cuda": NCCL collectives, which a dead peer can hang
         self.failure: RankFailed | None = None  # set once, when the group is stopped
         self._closing = False
         self._lock = threading.Lock()
@@ -279,7 +280,13 @@ class Followers:
         try:
             yield
         finally:
-            self._idle.set()
+            # After a failure on NCCL, rank 0 stays "busy" for good: its stream may hold collectives that
+            # wait for a dead rank, and any device synchronize (or the process's CUDA teardown) would
+            # wait with them, so the watcher ends the process FAILED_GRACE after the failure. The job's
+            # failure is stored first if the worker gets there in time, else its lease requeues it.
+            # gloo leaves nothing queued: the process carries on and exits as it means to.
+            if self.failure is None or self.device_type != "cuda":
+                self._idle.set()
 
     def close(self) -> bool:
         """Before telling the followers to exit: their exit is not a failure. False if they are gone."""
@@ -415,7 +422,7 @@ def start_followers(
     procs = [
         context.Process(
             target=_follower_main,
-            args=(spec, rank, store.port, device_type, follower, args, errors),
+            args=(spec, rank, store.port, device_type, follower, args, errors, os.getpid()),
             daemon=True,
             name=f"ovi-rank{rank}",
         )
@@ -424,7 +431,7 @@ def start_followers(
     for proc in procs:
         proc.start()
     group = init_group(spec, 0, store, device_type)
-    group.followers = Followers(procs, errors, spec.world_size)
+    group.followers = Followers(procs, errors, spec.world_size, device_type)
     return group
 
 
@@ -436,21 +443,30 @@ def _follower_main(
     follower: Callable[..., None],
     args: tuple,
     errors: Any,
+    leader_pid: int,
 ) -> None:
+    # the pid from rank 0 itself: were rank 0 gone by now, os.getppid() here would already be init's
     threading.Thread(
-        target=_exit_with_leader, args=(os.getppid(),), name="ovi-leader-watch", daemon=True
+        target=_exit_with_leader, args=(leader_pid,), name="ovi-leader-watch", daemon=True
     ).start()
     try:
         group = init_group(spec, rank, _follower_store(port, spec.world_size), device_type)
         follower(group, *args)
     except BaseException as exc:  # noqa: BLE001 -- reported to rank 0, which stops the group
         # kept under PIPE_BUF (4096 bytes), so the report is one atomic write even if we are killed now
-        summary = f"{type(exc).__name__}: {exc}"[:500]
-        errors.put((rank, type(exc).__name__, summary, traceback.format_exc()[-2500:]))
+        summary = _clip(f"{type(exc).__name__}: {exc}", 500)
+        errors.put((rank, type(exc).__name__, summary, _clip(traceback.format_exc(), 2500, keep_end=True)))
         # no close_group(): the other ranks may be inside a collective with this one. Exiting closes our
         # connections, which fails theirs (gloo), and rank 0's watcher sees the process end (any backend).
         os._exit(1)
     close_group()
+
+
+def _clip(text: str, nbytes: int, keep_end: bool = False) -> str:
+    """At most `nbytes` of UTF-8 (the pipe's atomic-write limit is in bytes, not characters)."""
+    data = text.encode()
+    data = data[-nbytes:] if keep_end else data[:nbytes]
+    return data.decode(errors="ignore")
 
 
 def _exit_with_leader(leader_pid: int) -> None:

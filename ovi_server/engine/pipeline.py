@@ -691,11 +691,10 @@ def meta_bytes(module: nn.Module, dtype: torch.dtype) -> int:
 
 @contextmanager
 def _timed(device: torch.device, timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Seconds spent in a stage, with the device synchronised so queued kernels are counted."""
+    """Seconds spent in a stage, with the device synchronised so queued kernels are counted. Not when
+    the stage raised: after a parallel rank died, queued NCCL kernels would keep that wait from ending."""
     synchronize(device)
     started = time.perf_counter()
-    try:
-        yield
-    finally:
-        synchronize(device)
-        timings[stage] = time.perf_counter() - started
+    yield
+    synchronize(device)
+    timings[stage] = time.perf_counter() - started

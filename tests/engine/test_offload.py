@@ -114,12 +114,14 @@ def test_host_masters_are_views_of_one_block_of_exactly_their_size():
     """The masters share one host block sized to the weights (512-byte aligned), not one rounded-up block
     per tensor (what per-tensor pinning costs), and a tensor two modules share is mastered once."""
     shared = torch.nn.Linear(300, 7)
-    model = torch.nn.Sequential(shared, torch.nn.LayerNorm(7), shared)
+    tied = torch.nn.Linear(300, 7)
+    tied.weight = shared.weight  # one Parameter in two modules (as a tied embedding is)
+    model = torch.nn.Sequential(shared, torch.nn.LayerNorm(7), tied)
     x = torch.randn(2, 300, generator=torch.Generator().manual_seed(0))
     expected = model[:2](x)
     weights = HostWeights([model], pin=False)
     sizes = [p.numel() * p.element_size() for p in model.parameters()]  # deduplicated by nn.Module
-    assert weights.block.numel() == sum(-(-n // 512) * 512 for n in sizes) == 8704 + 3 * 512
+    assert weights.block.numel() == sum(-(-n // 512) * 512 for n in sizes) == 8704 + 4 * 512
     base = weights.block.data_ptr()
     for _, _, _, host in weights.entries:
         assert base <= host.data_ptr() < base + weights.block.numel() and host.data_ptr() % 512 == 0
