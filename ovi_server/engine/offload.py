@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import mmap
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -141,7 +142,8 @@ def _unregister(cudart: Any, pointer: int, storage: torch.UntypedStorage) -> Non
 class GroupStreamer:
     """Groups of weights mastered in host memory, each on the device only while it runs: `enter(i)` before
     group i computes (it waits for its copy and starts group i + 1's on a side stream, so the next copy
-    overlaps this compute), `leave(i)` after. Peak: two groups, plus whatever the caller keeps resident."""
+    overlaps this compute), `leave(i)` after. Peak: two groups in use and at most two more waiting to be
+    freed, plus whatever the caller keeps resident."""
 
     def __init__(self, groups: Sequence[Sequence[nn.Module]], device: torch.device, pin: bool | None = None):
         self.pin = device.type == "cuda" if pin is None else pin
@@ -150,6 +152,7 @@ class GroupStreamer:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.ready: dict[int, torch.cuda.Event | None] = {}  # onloaded groups -> copy-done event
         self.copies: dict[int, list[Tensor]] = {}
+        self.computed: deque[torch.cuda.Event] = deque()  # CUDA: where the compute stream left each group
 
     def enter(self, i: int) -> None:
         for j in [j for j in self.ready if j < i]:  # e.g. a block skip-layer guidance skipped
@@ -157,9 +160,19 @@ class GroupStreamer:
         self._prefetch(i)
         self._wait(i)
         if i + 1 < len(self.groups):
+            # The host runs ahead of the device: unchecked, it would queue every group's copy, and each
+            # stays allocated until the compute stream has passed it. Waiting here until the device is
+            # done with all groups but the last one left keeps that to four, with no gap in the device's
+            # queue (the group before this one still runs while this one is queued).
+            while len(self.computed) > 1:
+                self.computed.popleft().synchronize()
             self._prefetch(i + 1)  # overlaps with group i's compute
 
     def leave(self, i: int) -> None:
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.computed.append(event)
         self._release(i)
 
     def _prefetch(self, i: int) -> None:
