@@ -239,9 +239,9 @@ def decode_memory_estimate(latent_shape: tuple[int, ...], config: VideoVAEConfig
     temporal, spatial = compression(config)
     pixels = h * spatial * w * spatial
     frames = 1 + temporal * (latent_frames - 1)
-    # the pipeline takes the clip a chunk at a time (`decode_chunks`): one chunk's float32 pixels
-    # (and their uint8 copy) are held, never the whole clip
-    output = 3 * min(frames, temporal) * pixels * 5 * math.prod(batch)
+    # the pipeline takes the clip a chunk at a time (`decode_chunks`), never the whole clip: one chunk's
+    # float32 pixels and two float32 temporaries of the uint8 conversion, then two uint8 copies
+    output = 3 * min(frames, temporal) * pixels * (3 * 4 + 2) * math.prod(batch)
     return int(DECODE_BYTES_PER_PIXEL * pixels * DECODE_MEMORY_MARGIN * math.prod(batch)) + output
 
 
