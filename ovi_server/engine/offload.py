@@ -78,17 +78,18 @@ class HostWeights:
 
     def onload(self, device: torch.device) -> list[Tensor]:
         """Points every tensor at a fresh device copy (copies are queued on the current stream)."""
-        copies = []
+        copies: dict[int, Tensor] = {}  # one device copy of a master two entries share
         for owner, name, is_param, host in self.entries:
             # copy=True: on the CPU too, so a test can tell an onloaded tensor from its master
-            copy = host.to(device, non_blocking=True, copy=True)
+            copy = copies.get(id(host))
+            if copy is None:
+                copy = copies[id(host)] = host.to(device, non_blocking=True, copy=True)
             if is_param:
                 getattr(owner, name).data = copy
             else:
                 owner._buffers[name] = copy
-            copies.append(copy)
         self.on_device = True
-        return copies
+        return list(copies.values())
 
     def offload(self) -> None:
         """Points every tensor back at its host master; the device copies are released."""
@@ -159,18 +160,18 @@ class GroupStreamer:
             self._release(j)
         self._prefetch(i)
         self._wait(i)
+        # The host runs ahead of the device: unchecked, it would queue every group's copy, and each stays
+        # allocated until the compute stream has passed it. Waiting here until the device is done with
+        # all groups but the last one left keeps that to four, with no gap in the device's queue (the
+        # group before this one still runs while this one is queued).
+        while len(self.computed) > 1:
+            self.computed.popleft().synchronize()
         if i + 1 < len(self.groups):
-            # The host runs ahead of the device: unchecked, it would queue every group's copy, and each
-            # stays allocated until the compute stream has passed it. Waiting here until the device is
-            # done with all groups but the last one left keeps that to four, with no gap in the device's
-            # queue (the group before this one still runs while this one is queued).
-            while len(self.computed) > 1:
-                self.computed.popleft().synchronize()
             self._prefetch(i + 1)  # overlaps with group i's compute
 
     def leave(self, i: int) -> None:
         if self.stream is not None:
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # its synchronize sleeps instead of spinning a core
             event.record(torch.cuda.current_stream(self.device))
             self.computed.append(event)
         self._release(i)

@@ -277,6 +277,9 @@ class Followers:
     @contextmanager
     def busy(self):
         self._idle.clear()
+        if self.failure is not None:  # failed between the caller's check and now: no job on a dead group
+            self._idle.set()
+            raise self.failure
         try:
             yield
         finally:
@@ -289,10 +292,17 @@ class Followers:
                 self._idle.set()
 
     def close(self) -> bool:
-        """Before telling the followers to exit: their exit is not a failure. False if they are gone."""
+        """Before telling the followers to exit: their exit is not a failure. False if they are gone.
+        After a failure on NCCL this ends the process here: tearing down CUDA with collectives still
+        queued for a dead rank can hang, and once the interpreter shuts down the watcher cannot run."""
         with self._lock:
             self._closing = True
-            return self.failure is None
+            failure = self.failure
+        if failure is not None and self.device_type == "cuda":
+            logger.critical("exiting: this process's parallel group failed (%s)", failure)
+            logging.shutdown()
+            os._exit(1)
+        return failure is None
 
     def fail(self, leader_error: BaseException | None = None) -> RankFailed:
         """Stops the group (once) and says which rank failed first: a follower that reported an error or
@@ -342,6 +352,8 @@ class Followers:
             if self._closing:
                 return
         failure = self.fail()
+        if self.device_type != "cuda":
+            return  # gloo raises in rank 0's next collective: nothing is left waiting for the dead rank
         if not self._idle.wait(FAILED_GRACE.total_seconds()):
             logger.critical(
                 "rank 0 is still inside the failed job %.0fs after: %s; exiting (a server worker is "

@@ -127,8 +127,9 @@ def test_host_masters_are_views_of_one_block_of_exactly_their_size():
         assert base <= host.data_ptr() < base + weights.block.numel() and host.data_ptr() % 512 == 0
     assert torch.equal(model[:2](x), expected)  # the same values, now in the block
     assert model[0].weight.data_ptr() == model[2].weight.data_ptr()
-    weights.onload(torch.device("cpu"))
+    assert len(weights.onload(torch.device("cpu"))) == 5  # the tied weight copied once
     assert not base <= model[0].weight.data_ptr() < base + weights.block.numel()  # a device copy
+    assert model[0].weight.data_ptr() == model[2].weight.data_ptr()  # still tied on the device
     assert torch.equal(model[:2](x), expected)
     weights.offload()
     assert base <= model[0].weight.data_ptr() < base + weights.block.numel()
