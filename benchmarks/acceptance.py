@@ -167,9 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     built: dict[str, Any] = {}
     run_started = time.perf_counter()
-    # the engine's own account of loading (where models live, compile warm-up), not diffusers' chatter
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("ovi_server").setLevel(logging.INFO)
+    _log_engine()
 
     def report() -> dict[str, Any]:
         counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
@@ -356,12 +354,10 @@ def decode_estimate(ctx: Context) -> Result:
     latent = torch.randn(1, *shape.video_latent_shape, device=ctx.device, dtype=ctx.dtype)
     estimate = decode_memory_estimate(tuple(latent.shape), ctx.pipe.cfg.video_vae)
     with ctx.pipe._on_device("video_vae") as vae:
-        vae.set_tiling(False)
         ctx.sync()
         torch.cuda.reset_peak_memory_stats(ctx.device)
         before = torch.cuda.memory_allocated(ctx.device)
-        for chunk in vae.decode_chunks(latent):  # as the pipeline decodes: each chunk off the device
-            video_to_uint8(chunk).cpu()
+        _decode_as_served(vae, latent)
         ctx.sync()
         used = torch.cuda.max_memory_allocated(ctx.device) - before
     return Result(
@@ -388,12 +384,11 @@ def decode_autotune(ctx: Context) -> Result:
 
     def decode() -> tuple[float, Tensor]:
         with ctx.pipe._on_device("video_vae") as vae:
-            vae.set_tiling(False)
             ctx.sync()
             started = time.perf_counter()
-            frames = [video_to_uint8(chunk).cpu() for chunk in vae.decode_chunks(latent)]
+            frames = _decode_as_served(vae, latent)
             ctx.sync()
-            return time.perf_counter() - started, torch.cat(frames, dim=2)
+            return time.perf_counter() - started, frames
 
     decode()  # warm, as a serving process is
     off_s, off = decode()
@@ -788,8 +783,7 @@ def card_e2e(device: torch.device, variant: Path, card_gb: float, scratch: Path)
 
 def card_child(args: argparse.Namespace) -> int:
     """The card item's process: builds the pipeline under --gpu-memory and runs the e2e item."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("ovi_server").setLevel(logging.INFO)
+    _log_engine()
     started = time.perf_counter()
     pipe = OviPipeline.from_config(
         EngineConfig(variant=args.variant, device=args.device, gpu_memory=args.card_child)
@@ -830,6 +824,20 @@ ITEMS: list[tuple[str, Callable[[Context], Result | list[Result]]]] = [
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _log_engine() -> None:
+    """The engine's own account of loading (where models live, compile warm-up) on stderr, not
+    diffusers' chatter."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("ovi_server").setLevel(logging.INFO)
+
+
+def _decode_as_served(vae, latent: Tensor) -> Tensor:
+    """The untiled video decode the pipeline runs: chunk by chunk, each to uint8 and off the device.
+    Returns uint8 [B, 3, T, H, W] on the host."""
+    vae.set_tiling(False)
+    return torch.cat([video_to_uint8(chunk).cpu() for chunk in vae.decode_chunks(latent)], dim=2)
+
+
 def _eager():
     """The blocks as plain PyTorch even where the pipeline compiled them (--compile auto on CUDA)."""
     return torch.compiler.set_stance("force_eager")

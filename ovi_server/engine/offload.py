@@ -63,10 +63,7 @@ class HostWeights:
                 masters[id(tensor)] = view.copy_(tensor.data)
             host = masters[id(tensor)]
             # pointed at its master at once: the old copy is freed as we go, not all at the end
-            if is_param:
-                tensor.data = host
-            else:
-                owner._buffers[name] = host
+            _point(owner, name, is_param, host)
             self.entries.append((owner, name, is_param, host))
         if pin:  # after filling: locking first would hold the block and the old copies at once
             lock_pages(self.block)
@@ -84,20 +81,14 @@ class HostWeights:
             copy = copies.get(id(host))
             if copy is None:
                 copy = copies[id(host)] = host.to(device, non_blocking=True, copy=True)
-            if is_param:
-                getattr(owner, name).data = copy
-            else:
-                owner._buffers[name] = copy
+            _point(owner, name, is_param, copy)
         self.on_device = True
         return list(copies.values())
 
     def offload(self) -> None:
         """Points every tensor back at its host master; the device copies are released."""
         for owner, name, is_param, host in self.entries:
-            if is_param:
-                getattr(owner, name).data = host
-            else:
-                owner._buffers[name] = host
+            _point(owner, name, is_param, host)
         self.on_device = False
 
     def is_onloaded(self) -> bool:
@@ -105,6 +96,14 @@ class HostWeights:
         owner, name, is_param, host = self.entries[0]
         current = getattr(owner, name).data if is_param else owner._buffers[name]
         return current.data_ptr() != host.data_ptr()
+
+
+def _point(owner: nn.Module, name: str, is_param: bool, tensor: Tensor) -> None:
+    """Makes `owner.name` (a parameter keeps its Parameter object) refer to `tensor`."""
+    if is_param:
+        getattr(owner, name).data = tensor
+    else:
+        owner._buffers[name] = tensor
 
 
 HOST_ALIGN = 512  # bytes: every master starts on a boundary of this in its host block

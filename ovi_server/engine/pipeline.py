@@ -80,7 +80,7 @@ from ovi_server.request import (
     check_request,
     ignore_progress,
 )
-from ovi_server.shapes import area_warning, generation_shape, size_note, t2v_shape
+from ovi_server.shapes import GenerationShape, area_warning, generation_shape, size_note, t2v_shape
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +157,10 @@ class OviPipeline:
         placement = resolve_placement(
             engine.device, engine.dtype, engine.offload, engine.attention, engine.fp8, engine.gpu_memory
         )
+        total = total_memory(placement.device, placement.memory_limit)  # None off CUDA
+        batched = engine.batch_guidance == "on"
         if placement.offload == "auto":
-            total = total_memory(placement.device, placement.memory_limit)
-            offload = choose_offload(cfg, placement, total, batched=engine.batch_guidance == "on")
+            offload = choose_offload(cfg, placement, total, batched)
             placement = dataclasses.replace(placement, offload=offload)
         # one real call in the dtype and head sizes the model uses, before minutes of loading
         check_attention_backend(
@@ -225,8 +226,7 @@ class OviPipeline:
             if "text_encoder" in visitors and placement.offload == "none":
                 models = sum(map(module_bytes, (fusion, video_vae, audio_decoder)))
                 text_bytes = meta_bytes(build_umt5(cfg.text_encoder), placement.dtype)
-                total = total_memory(placement.device, placement.memory_limit)
-                if text_encoder_fits(cfg, models + text_bytes, total, batched=engine.batch_guidance == "on"):
+                if text_encoder_fits(cfg, models + text_bytes, total, batched):
                     home["text_encoder"] = placement
                     visitors = visitors - {"text_encoder"}
             if random:
@@ -599,11 +599,14 @@ DENOISE_FIXED_BYTES = 2**30
 
 def denoise_reserve_bytes(cfg: OviConfig, batched: bool = False) -> int:
     """Device memory to keep free for denoising the variant's default frame (see above)."""
-    side = round(math.sqrt(cfg.video_area))
-    tokens = t2v_shape(
-        side, side, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length
-    ).video_tokens
+    tokens = _square_shape(cfg).video_tokens
     return DENOISE_FIXED_BYTES + tokens * DENOISE_BYTES_PER_TOKEN * (2 if batched else 1)
+
+
+def _square_shape(cfg: OviConfig) -> GenerationShape:
+    """The variant's default frame (square, its pixel area): what the memory reserves are sized for."""
+    side = round(math.sqrt(cfg.video_area))
+    return t2v_shape(side, side, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
 
 
 def text_encoder_fits(
@@ -614,9 +617,7 @@ def text_encoder_fits(
     every new prompt."""
     if total_bytes is None:
         return False
-    side = round(math.sqrt(cfg.video_area))
-    shape = t2v_shape(side, side, cfg.video_area, cfg.video_latent_length, cfg.audio_latent_length)
-    decode = decode_memory_estimate(shape.video_latent_shape, cfg.video_vae)
+    decode = decode_memory_estimate(_square_shape(cfg).video_latent_shape, cfg.video_vae)
     reserve = decode + denoise_reserve_bytes(cfg, batched)
     fits = model_bytes + reserve <= total_bytes
     logger.info(
