@@ -23,9 +23,7 @@ import argparse
 import hashlib
 import json
 import random
-import sys
-from collections.abc import Callable, Sequence
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 

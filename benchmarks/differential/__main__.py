@@ -16,7 +16,9 @@ from benchmarks.differential import GENERATORS
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.differential")
-    parser.add_argument("--reference", type=Path, required=True, help="a character-ai/Ovi checkout (read only)")
+    parser.add_argument(
+        "--reference", type=Path, required=True, help="a character-ai/Ovi checkout (read only)"
+    )
     parser.add_argument("--out", type=Path, help="where the cases go (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0, help="draws configs, shapes, inputs and weights")
     parser.add_argument("--cases", type=int, default=4, help="cases per kind of call")
