@@ -132,6 +132,36 @@ def load_reference(root: str | Path, device: torch.device, verbatim: bool | None
     return reference
 
 
+def load_reference_file(root: str | Path, relative: str) -> types.ModuleType:
+    """One file of the checkout at `root` (e.g. "ovi/modules/vae2_2.py"), its source run as written,
+    under its own module name (`ovi.modules.vae2_2`). The packages above it are registered as empty
+    namespaces, as `load_reference` does, so no `__init__.py` of the reference runs; the golden
+    generators (benchmarks/differential) load the component they compute this way, one process each."""
+    root = Path(root).resolve()
+    path = root / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {root} a character-ai/Ovi checkout?")
+    name = relative.removesuffix(".py").replace("/", ".")
+    if name in sys.modules:
+        if getattr(sys.modules[name], "__file__", None) != str(path):
+            raise RuntimeError(f"a module named {name!r} is already imported from elsewhere")
+        return sys.modules[name]
+    parts = name.split(".")[:-1]
+    for depth in range(1, len(parts) + 1):
+        package = ".".join(parts[:depth])
+        folder = str(root.joinpath(*parts[:depth]))
+        if package in sys.modules:
+            if list(getattr(sys.modules[package], "__path__", ())) != [folder]:
+                raise RuntimeError(f"a module named {package!r} is already imported; use a fresh process")
+            continue
+        module = types.ModuleType(package)
+        module.__path__ = [folder]
+        sys.modules[package] = module
+        if depth > 1:
+            setattr(sys.modules[".".join(parts[: depth - 1])], parts[depth - 1], module)
+    return _load_source(name, path, ())
+
+
 def _load_source(name: str, path: Path, substitutions: Sequence[tuple[str, str]]) -> types.ModuleType:
     """Executes `path` as module `name`, with textual substitutions applied to its source in memory."""
     source = path.read_text()
