@@ -22,11 +22,13 @@ _CONFIG_NAMES = {
 
 
 def video_vae_config(reference: dict[str, Any]) -> VideoVAEConfig:
-    """A manifest's reference config as our VideoVAEConfig; fails on switches the Wan2.2 VAE does not use."""
-    if reference.get("attn_scales"):
-        raise ValueError(
-            f"attention inside the levels (attn_scales={reference['attn_scales']}) is not supported"
-        )
+    """A manifest's reference config as our VideoVAEConfig.
+
+    `attn_scales` (and `dropout`, inactive in eval) are not carried over: the reference's Wan2.2 VAE
+    (`ovi/modules/vae2_2.py`) stores `attn_scales` but builds no layer from it, since its residual
+    levels have no attention (nor does diffusers' `is_residual=True` variant), so any value gives the
+    same network.
+    """
     values = {ours: reference[theirs] for theirs, ours in _CONFIG_NAMES.items() if theirs in reference}
     return VideoVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 

@@ -14,7 +14,7 @@ from ovi_server.config import VideoVAEConfig, load_variant
 from ovi_server.engine.device import CPU_FP32, Placement
 from ovi_server.errors import WeightsError
 from ovi_server.golden.cases import GoldenCase
-from ovi_server.golden.run_wan_vae import video_vae_config
+from ovi_server.golden.run_wan_vae import run_case, video_vae_config
 from ovi_server.media.video_vae import (
     LATENTS_MEAN,
     LATENTS_STD,
@@ -48,6 +48,17 @@ def test_wan_vae_matches_reference(case: GoldenCase) -> None:
         video = vae.decode(expected["latent"])
         torch.testing.assert_close(video, expected["video"], **case.tolerance)
         assert video.abs().max() <= 1.0
+
+
+def test_attn_scales_in_a_manifest_config_change_nothing() -> None:
+    """The Wan2.2 VAE builds no layer from `attn_scales` (its levels are residual blocks without
+    attention): a config that names scales is the same network, so the golden values still hold."""
+    case = golden_cases("wan_vae")[0]
+    config = {**case.config, "attn_scales": [1.0, 0.5]}
+    assert video_vae_config(config) == video_vae_config(case.config)
+    named = GoldenCase(case.component, case.folder, {**case.spec, "config": config}, case.manifest)
+    result = run_case(named)
+    assert result.passed, result.line()
 
 
 def test_latent_statistics_are_the_reference_constants() -> None:
