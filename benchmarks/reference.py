@@ -132,6 +132,22 @@ def load_reference(root: str | Path, device: torch.device, verbatim: bool | None
     return reference
 
 
+def load_module(
+    root: str | Path, name: str, substitutions: Sequence[tuple[str, str]] = ()
+) -> types.ModuleType:
+    """One reference module (e.g. "ovi.modules.t5") executed from the checkout at `root` under its own
+    name; packages not yet imported are registered as empty namespaces, so no `__init__.py` runs."""
+    root = Path(root).resolve()
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        package_name = ".".join(parts[:depth])
+        if package_name not in sys.modules:
+            package = types.ModuleType(package_name)
+            package.__path__ = [str(root.joinpath(*parts[:depth]))]
+            sys.modules[package_name] = package
+    return _load_source(name, root.joinpath(*parts).with_suffix(".py"), substitutions)
+
+
 def _load_source(name: str, path: Path, substitutions: Sequence[tuple[str, str]]) -> types.ModuleType:
     """Executes `path` as module `name`, with textual substitutions applied to its source in memory."""
     source = path.read_text()
