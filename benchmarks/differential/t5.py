@@ -78,20 +78,30 @@ class Reference:
         self.processing = load_module(root, "ovi.utils.processing_utils")
         engine = ast.parse((root / "ovi" / "ovi_fusion_engine.py").read_text())
         namespace: dict[str, Any] = {"re": re}
-        exec(compile(ast.Module([_assignment(engine, "NAME_TO_MODEL_SPECS_MAP")], []), "engine", "exec"), namespace)
+        exec(
+            compile(ast.Module([_assignment(engine, "NAME_TO_MODEL_SPECS_MAP")], []), "engine", "exec"),
+            namespace,
+        )
         self.model_specs: dict[str, dict[str, Any]] = namespace["NAME_TO_MODEL_SPECS_MAP"]
-        generate = next(n for n in ast.walk(engine) if isinstance(n, ast.FunctionDef) and n.name == "generate")
+        generate = next(
+            n for n in ast.walk(engine) if isinstance(n, ast.FunctionDef) and n.name == "generate"
+        )
         self._input_area = compile(
             ast.Expression(_assignment(generate, "input_area").value), "input_area", "eval"
         )
         warning_test = next(
-            n.test for n in ast.walk(generate) if isinstance(n, ast.If) and "input_area" in ast.unparse(n.test)
+            n.test
+            for n in ast.walk(generate)
+            if isinstance(n, ast.If) and "input_area" in ast.unparse(n.test)
         )
         self._area_warning = compile(ast.Expression(warning_test), "area_warning", "eval")
 
     def area_warning(self, h: int, w: int, target_area: int) -> bool:
         """`generate`'s test for "the requested area is more than 10 % off the model's"."""
-        namespace = {"video_frame_height_width": (h, w), "self": types.SimpleNamespace(target_area=target_area)}
+        namespace = {
+            "video_frame_height_width": (h, w),
+            "self": types.SimpleNamespace(target_area=target_area),
+        }
         namespace["input_area"] = eval(self._input_area, namespace)
         return bool(eval(self._area_warning, namespace))
 
@@ -208,21 +218,26 @@ def draw_batch(rng: random.Random, config: dict[str, Any], long: bool) -> tuple[
     text_len = config["text_len"]
     batch = rng.randint(1, 4)
     lengths = [rng.randint(1, text_len) for _ in range(batch)]
-    lengths[rng.randrange(batch)] = rng.choice([text_len, rng.randint(129, text_len)] if long else [text_len, 1])
+    lengths[rng.randrange(batch)] = rng.choice(
+        [text_len, rng.randint(129, text_len)] if long else [text_len, 1]
+    )
     ids = torch.zeros((batch, text_len), dtype=torch.long)
     mask = torch.zeros((batch, text_len), dtype=torch.long)
     for row, length in enumerate(lengths):
-        ids[row, : length - 1] = torch.tensor([rng.randrange(2, config["vocab_size"]) for _ in range(length - 1)])
+        ids[row, : length - 1] = torch.tensor(
+            [rng.randrange(2, config["vocab_size"]) for _ in range(length - 1)]
+        )
         ids[row, length - 1] = 1
         mask[row, :length] = 1
     return ids, mask
 
 
 def t5_cases(reference: Reference, writer: ComponentWriter, rng: random.Random, cases: int) -> None:
+    min_vocab = sentencepiece.SentencePieceProcessor(model_file=str(TINY_SPIECE)).get_piece_size()
     for index in range(cases):
         long = index % 2 == 1 or rng.random() < 0.25
         text_len = rng.randint(129, 200) if long else rng.randint(4, 64)
-        config = draw_t5_config(rng, text_len, reference.tokenizer(text_len).tokenizer.processor.get_piece_size())
+        config = draw_t5_config(rng, text_len, min_vocab)
         model = build_encoder(reference, config, rng)
         name = f"t5_random_{index}"
         weight_file = writer.tensors(f"{name}_weights.safetensors", model.state_dict())
@@ -253,7 +268,11 @@ def t5_cases(reference: Reference, writer: ComponentWriter, rng: random.Random, 
         )
 
         # the same encoder on prompts, through the reference's cleaning, tokeniser call and trim
-        prompts = [draw_prompt(rng, for_encoder=True) for _ in range(rng.randint(1, 3))]
+        # as `generate` calls it: [prompt, video_negative_prompt, audio_negative_prompt], negatives often ""
+        prompts = [draw_prompt(rng, for_encoder=True)]
+        if rng.random() < 0.4:  # longer than text_len pieces: truncation keeps EOS last
+            prompts[0] = " ".join([prompts[0]] * rng.randint(4, 12))
+        prompts += [rng.choice(["", " \n ", draw_prompt(rng, for_encoder=True)]) for _ in range(2)]
         tokenizer = reference.tokenizer(text_len)
         with torch.no_grad():
             ids, mask = tokenizer(prompts, return_mask=True, add_special_tokens=True)
@@ -294,7 +313,24 @@ WORDS = (
     "\U0001f600", "\u00bd", "\ufb01sh", "caf\u00c3\u00a9", "don\u00e2\u20ac\u2122t", "&amp;", "&amp;amp;",
     "&lt;S&gt;", "&#39;", "&quot;hi&quot;", "<s>", "<e>", "<audcap>", "<b>", "x<y", "y>z",
 )  # fmt: skip
-SPACES = (" ", " ", " ", "  ", "\n", "\n\n", "\t", " \u00a0", "\u3000", "\u2009", "\r\n", "   ")
+SPACES = (
+    " ",
+    " ",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    " \u00a0",
+    "\u3000",
+    "\u2009",
+    "\r\n",
+    "   ",
+    "\x0b",
+    "\x1c",
+    "\x85",
+    "\u2028",
+)
 TAGS = ("<S>", "<E>", "<AUDCAP>", "<ENDAUDCAP>", "Audio:", "Audio: ")
 
 
@@ -339,9 +375,15 @@ def prompt_sub_case(reference: Reference, prompt: str) -> dict[str, Any]:
     return sub
 
 
-def draw_hw(rng: random.Random) -> tuple[int, int]:
-    """Sizes around the models' areas, small ones, and extreme aspect ratios."""
+def draw_hw(rng: random.Random, area: int | None = None) -> tuple[int, int]:
+    """Sizes around the models' areas, small ones, extreme aspect ratios, and (given `area`) areas at
+    the edges of the +-10 % warning band."""
     kind = rng.random()
+    if area is not None and kind < 0.5:
+        h = rng.randint(100, 1500)
+        if kind < 0.2:
+            return h, max(1, round(rng.choice([0.9, 1.1]) * area / h) + rng.randint(-1, 1))
+        return h, max(1, round(rng.uniform(0.85, 1.15) * area / h))
     if kind < 0.4:
         return rng.randint(200, 1400), rng.randint(200, 1400)
     if kind < 0.6:
@@ -352,7 +394,11 @@ def draw_hw(rng: random.Random) -> tuple[int, int]:
 
 def t2v_sub_case(reference: Reference, model: str, h: int, w: int) -> dict[str, Any]:
     spec = reference.model_specs[model]
-    area, frames_latent, audio_latent = spec["video_area"], spec["video_latent_length"], spec["audio_latent_length"]
+    area, frames_latent, audio_latent = (
+        spec["video_area"],
+        spec["video_latent_length"],
+        spec["audio_latent_length"],
+    )
     snapped_h, snapped_w = reference.processing.snap_hw_to_multiple_of_32(h, w, area=area)
     latent_h, latent_w = snapped_h // 16, snapped_w // 16  # as `generate`
     return {
@@ -390,11 +436,16 @@ def prompt_cases(reference: Reference, writer: ComponentWriter, rng: random.Rand
     models = list(reference.model_specs)
     areas = sorted({spec["video_area"] for spec in reference.model_specs.values()})
     prompts = ["", "<S><E>", "Audio:", "<AUDCAP><ENDAUDCAP>"] + [draw_prompt(rng) for _ in range(8 * cases)]
-    t2v = [t2v_sub_case(reference, m, *draw_hw(rng)) for _ in range(4 * cases) for m in models]
+    t2v = [
+        t2v_sub_case(reference, m, *draw_hw(rng, reference.model_specs[m]["video_area"]))
+        for _ in range(4 * cases)
+        for m in models
+    ]
     i2v = []
     for _ in range(4 * cases):
         h, w = draw_hw(rng)
-        area = rng.choice([*areas, rng.randint(1, 64 * 64), rng.randint(1, 400) * 1024])
+        # `preprocess_image_tensor` takes any area; <= 0 leaves the size alone (then at least 32)
+        area = rng.choice([*areas, rng.randint(1, 64 * 64), rng.randint(1, 400) * 1024, 0])
         i2v.append(i2v_sub_case(reference, h, w, area))
     flux = []
     for _ in range(4 * cases):
