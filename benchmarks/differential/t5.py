@@ -173,7 +173,7 @@ def draw_t5_config(rng: random.Random, text_len: int, min_vocab: int) -> dict[st
         "num_heads": num_heads,
         "encoder_layers": rng.randint(1, 3),
         "decoder_layers": 0,
-        "num_buckets": rng.choice([32, 32, 32, 8, 16, 64]),
+        "num_buckets": rng.choice([32, 32, 32, 8, 16, 20, 33, 64]),
         "shared_pos": False,
         "dropout": 0.0,
         "text_len": text_len,
