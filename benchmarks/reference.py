@@ -132,34 +132,37 @@ def load_reference(root: str | Path, device: torch.device, verbatim: bool | None
     return reference
 
 
-def load_reference_file(root: str | Path, relative: str) -> types.ModuleType:
-    """One file of the checkout at `root` (e.g. "ovi/modules/vae2_2.py"), its source run as written,
-    under its own module name (`ovi.modules.vae2_2`). The packages above it are registered as empty
-    namespaces, as `load_reference` does, so no `__init__.py` of the reference runs; the golden
-    generators (benchmarks/differential) load the component they compute this way, one process each."""
+def load_module(
+    root: str | Path, name: str, substitutions: Sequence[tuple[str, str]] = ()
+) -> types.ModuleType:
+    """One reference module (e.g. "ovi.modules.t5") executed from the checkout at `root` under its own
+    name. The packages above it are registered as empty namespaces, as `load_reference` does, so no
+    `__init__.py` of the reference runs; the golden generators (benchmarks/differential) load what they
+    compute this way, one process each."""
     root = Path(root).resolve()
-    path = root / relative
+    parts = name.split(".")
+    path = root.joinpath(*parts).with_suffix(".py")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; is {root} a character-ai/Ovi checkout?")
-    name = relative.removesuffix(".py").replace("/", ".")
     if name in sys.modules:
         if getattr(sys.modules[name], "__file__", None) != str(path):
             raise RuntimeError(f"a module named {name!r} is already imported from elsewhere")
         return sys.modules[name]
-    parts = name.split(".")[:-1]
-    for depth in range(1, len(parts) + 1):
-        package = ".".join(parts[:depth])
+    for depth in range(1, len(parts)):
+        package_name = ".".join(parts[:depth])
         folder = str(root.joinpath(*parts[:depth]))
-        if package in sys.modules:
-            if list(getattr(sys.modules[package], "__path__", ())) != [folder]:
-                raise RuntimeError(f"a module named {package!r} is already imported; use a fresh process")
+        if package_name in sys.modules:
+            if list(getattr(sys.modules[package_name], "__path__", ())) != [folder]:
+                raise RuntimeError(
+                    f"a module named {package_name!r} is already imported; use a fresh process"
+                )
             continue
-        module = types.ModuleType(package)
-        module.__path__ = [folder]
-        sys.modules[package] = module
+        package = types.ModuleType(package_name)
+        package.__path__ = [folder]
+        sys.modules[package_name] = package
         if depth > 1:
-            setattr(sys.modules[".".join(parts[: depth - 1])], parts[depth - 1], module)
-    return _load_source(name, path, ())
+            setattr(sys.modules[".".join(parts[: depth - 1])], parts[depth - 1], package)
+    return _load_source(name, path, substitutions)
 
 
 def _load_source(name: str, path: Path, substitutions: Sequence[tuple[str, str]]) -> types.ModuleType:

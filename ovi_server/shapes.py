@@ -87,10 +87,11 @@ def best_hw_for_area(h: int, w: int, area: int, multiple: int = 32) -> tuple[int
     Reference `preprocess_image_tensor`: candidates are the heights p·multiple for p within ±3 of
     sqrt(units / aspect) with the width rounded to the aspect, plus the plain scale-and-snap size;
     the winner has the smallest |area error|, then the smallest aspect error, then comes first.
-    There is no cap on the aspect, so a 1000x37 image becomes 3840x128 on the 720² model.
+    There is no cap on the aspect, so a 1000x37 image becomes 3840x128 on the 720² model. An area
+    <= 0 keeps the size, but (as the reference's final clamp) each side is at least `multiple`.
     """
-    if area <= 0:
-        return h, w
+    if area <= 0:  # the reference keeps the size, then still raises each side to at least `multiple`
+        return max(multiple, h), max(multiple, w)
     ratio_wh = w / float(h)
     target_units = max(1, area // (multiple * multiple))
     p0 = max(1, int(round(math.sqrt(target_units / max(ratio_wh, 1e-8)))))

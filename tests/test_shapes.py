@@ -99,7 +99,10 @@ def test_snap_uses_bankers_rounding():
 def test_i2v_target_size_edge_cases():
     assert best_hw_for_area(100, 140, 6144) == (64, 96)  # the loop_i2v golden case
     assert best_hw_for_area(1000, 37, 720 * 720) == (3840, 128)  # no aspect cap, as the reference
-    assert best_hw_for_area(10, 10, 0) == (10, 10)  # area 0: keep the size
+    # area <= 0: the size is kept, but the reference still raises each side to at least 32
+    assert best_hw_for_area(100, 140, 0) == (100, 140)
+    assert best_hw_for_area(10, 10, 0) == (32, 32)
+    assert best_hw_for_area(1314, 20, -5) == (1314, 32)
 
 
 def test_generation_shape_counts():

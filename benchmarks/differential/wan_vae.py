@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.differential import ComponentWriter, generator_main, seeded, shapes
-from benchmarks.reference import load_reference_file
+from benchmarks.reference import load_module
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 Z_DIM = 48  # the reference wrapper's latent statistics have 48 channels
@@ -165,7 +165,7 @@ def diffusers_maxabs(config: dict[str, Any], weights: dict[str, Tensor], outputs
 
 def generate(reference: Path, out: Path, rng: random.Random, cases: int) -> None:
     warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
-    module = load_reference_file(reference, "ovi/modules/vae2_2.py")
+    module = load_module(reference, "ovi.modules.vae2_2")
     writer = ComponentWriter(out, "wan_vae", format="safetensors + manifest.json")
     torch.set_grad_enabled(False)
     constants_written = False
