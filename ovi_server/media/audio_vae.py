@@ -177,7 +177,7 @@ class Middle(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Normalised mel [B, data_dim, M] -> moments [B, 2*embed_dim, M / 2**len(down_layers)]."""
+    """Normalised mel [B, data_dim, M] -> moments [B, 2*embed_dim, M / 2**(levels in down_layers)]."""
 
     def __init__(self, cfg: AudioVAEConfig):
         super().__init__()
@@ -206,7 +206,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent [B, embed_dim, L] -> normalised mel [B, data_dim, L * 2**len(down_layers)].
+    """Latent [B, embed_dim, L] -> normalised mel [B, data_dim, L * temporal_upsampling].
 
     `up` is indexed by level like the encoder's `down` but runs from the last level to level 0;
     level i upsamples when the encoder downsampled after level i-1. Its residual blocks (and the
