@@ -108,7 +108,7 @@ class AudioVAEConfig:
     hop_size: int = 256
     win_size: int = 1024
     fmin: float = 0.0
-    fmax: float = 8000.0
+    fmax: float | None = 8000.0  # None: sampling_rate / 2 (librosa's default)
 
     @property
     def temporal_upsampling(self) -> int:

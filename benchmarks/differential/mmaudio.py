@@ -189,7 +189,7 @@ def draw_mel(rng: random.Random, num_mels: int) -> dict[str, Any]:
         n_fft = rng.choice([512, 1024])
         hop = rng.choice([128, 160, 256])
         win = rng.choice([n_fft, 3 * n_fft // 4])
-        fmin, fmax = rng.choice([0, 20]), rng.choice([8000, 7000])
+        fmin, fmax = rng.choice([0, 20]), rng.choice([8000, 7000, None])  # None: librosa's sr / 2
     return {
         "sampling_rate": 16000,
         "n_fft": n_fft,

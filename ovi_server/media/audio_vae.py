@@ -271,12 +271,17 @@ class AudioVAE(nn.Module):
 # Mel front-end (encode side; also what the vocoder was trained to invert)
 
 
-def slaney_mel_filters(sample_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float) -> np.ndarray:
+def slaney_mel_filters(
+    sample_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float | None
+) -> np.ndarray:
     """Triangular mel filters [num_mels, n_fft//2 + 1] on the Slaney mel scale, area-normalised.
 
     The same matrix as `librosa.filters.mel(..., htk=False, norm="slaney")`, computed here in float64
     so the server does not depend on librosa (and through it numba/llvmlite) for 20 lines of numpy.
+    `fmax` None is Nyquist, as in librosa.
     """
+    if fmax is None:
+        fmax = sample_rate / 2
 
     # Slaney's Auditory Toolbox scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic above.
     f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0

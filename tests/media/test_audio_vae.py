@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,10 +14,12 @@ from ovi_server.engine.device import CPU_FP32
 from ovi_server.errors import ConfigError, WeightsError
 from ovi_server.golden import run_mmaudio
 from ovi_server.media.audio_vae import (
+    MelSpectrogram,
     load_audio_decoder,
     load_audio_vae,
     random_audio_decoder,
     random_audio_vae,
+    slaney_mel_filters,
 )
 from ovi_server.media.vocoder import load_vocoder, random_vocoder
 from tests.conftest import GOLDEN_DIR, golden_cases
@@ -146,3 +149,13 @@ def test_resblocks_read_only_the_dilations_their_type_uses(resblock, used):
     }
     with pytest.raises(ConfigError, match="dilations"):
         random_vocoder(replace(short, resblock_dilation_sizes=((1,) * (used - 1),) * 2), CPU_FP32, seed=0)
+
+
+def test_mel_filters_without_fmax_reach_nyquist():
+    """librosa's `fmax=None` means sampling_rate / 2; it must not turn the filters into NaN."""
+    expected = slaney_mel_filters(16000, 512, 40, 0.0, 8000.0)
+    np.testing.assert_array_equal(slaney_mel_filters(16000, 512, 40, 0.0, None), expected)
+    mel = MelSpectrogram(AudioVAEConfig(n_fft=512, hop_size=128, win_size=512, fmax=None))(
+        torch.zeros(1, 1024)
+    )
+    assert torch.isfinite(mel).all()
