@@ -100,15 +100,7 @@ def load_reference(root: str | Path, device: torch.device, verbatim: bool | None
     float32_source = not verbatim if verbatim is not None else device.type != "cuda"
     if (root, float32_source) in _LOADED:  # a second caller in the same process gets the same modules
         return _LOADED[(root, float32_source)]
-    taken = [name for name in _PACKAGES if name in sys.modules]
-    if taken:
-        raise RuntimeError(
-            f"a module named {taken[0]!r} is already imported; run the benchmark in a fresh process"
-        )
-    for name in _PACKAGES:
-        package = types.ModuleType(name)
-        package.__path__ = [str(root / name.replace(".", "/"))]
-        sys.modules[name] = package
+    namespace_packages(root, _PACKAGES)
     if device.type != "cuda":
         # its `autocast('cuda', ...)` blocks warn on every call without CUDA; they are no-ops here
         warnings.filterwarnings("ignore", message="CUDA is not available or torch_xla is imported")
@@ -163,6 +155,20 @@ def load_module(
         if depth > 1:
             setattr(sys.modules[".".join(parts[: depth - 1])], parts[depth - 1], package)
     return _load_source(name, path, substitutions)
+
+
+def namespace_packages(root: Path, packages: Sequence[str]) -> None:
+    """Registers `packages` (dotted names under `root`) as empty packages, so their `__init__.py` files
+    do not run; their modules then import normally, with the reference's own package names."""
+    taken = [name for name in packages if name in sys.modules]
+    if taken:
+        raise RuntimeError(
+            f"a module named {taken[0]!r} is already imported; run the benchmark in a fresh process"
+        )
+    for name in packages:
+        package = types.ModuleType(name)
+        package.__path__ = [str(root / name.replace(".", "/"))]
+        sys.modules[name] = package
 
 
 def _load_source(name: str, path: Path, substitutions: Sequence[tuple[str, str]]) -> types.ModuleType:

@@ -108,12 +108,13 @@ class AudioVAEConfig:
     hop_size: int = 256
     win_size: int = 1024
     fmin: float = 0.0
-    fmax: float = 8000.0
+    fmax: float | None = 8000.0  # None: sampling_rate / 2 (librosa's default)
 
     @property
     def temporal_upsampling(self) -> int:
-        """Mel frames per latent step."""
-        return 2 ** len(self.down_layers)
+        """Mel frames per latent step: the decoder's x2 upsamples, one per level whose predecessor
+        the encoder downsamples after. A downsample after the last level has no decoder counterpart."""
+        return 2 ** sum(level - 1 in self.down_layers for level in range(1, len(self.ch_mult)))
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ class Middle(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Normalised mel [B, data_dim, M] -> moments [B, 2*embed_dim, M / 2**len(down_layers)]."""
+    """Normalised mel [B, data_dim, M] -> moments [B, 2*embed_dim, M / 2**(levels in down_layers)]."""
 
     def __init__(self, cfg: AudioVAEConfig):
         super().__init__()
@@ -206,7 +206,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent [B, embed_dim, L] -> normalised mel [B, data_dim, L * 2**len(down_layers)].
+    """Latent [B, embed_dim, L] -> normalised mel [B, data_dim, L * temporal_upsampling].
 
     `up` is indexed by level like the encoder's `down` but runs from the last level to level 0;
     level i upsamples when the encoder downsampled after level i-1. Its residual blocks (and the
@@ -271,12 +271,17 @@ class AudioVAE(nn.Module):
 # Mel front-end (encode side; also what the vocoder was trained to invert)
 
 
-def slaney_mel_filters(sample_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float) -> np.ndarray:
+def slaney_mel_filters(
+    sample_rate: int, n_fft: int, num_mels: int, fmin: float, fmax: float | None
+) -> np.ndarray:
     """Triangular mel filters [num_mels, n_fft//2 + 1] on the Slaney mel scale, area-normalised.
 
     The same matrix as `librosa.filters.mel(..., htk=False, norm="slaney")`, computed here in float64
     so the server does not depend on librosa (and through it numba/llvmlite) for 20 lines of numpy.
+    `fmax` None is Nyquist, as in librosa.
     """
+    if fmax is None:
+        fmax = sample_rate / 2
 
     # Slaney's Auditory Toolbox scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic above.
     f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0

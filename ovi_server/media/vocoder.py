@@ -153,6 +153,8 @@ class AMPBlock1(nn.Module):
     `activations` is stored interleaved: index 2m precedes `convs1[m]`, 2m+1 precedes `convs2[m]`.
     """
 
+    num_dilations = 3  # BigVGAN's block reads the first three dilations of its config entry
+
     def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...], cfg: VocoderConfig):
         super().__init__()
         self.convs1 = nn.ModuleList(_conv(channels, kernel_size, d) for d in dilations)
@@ -169,6 +171,8 @@ class AMPBlock1(nn.Module):
 
 class AMPBlock2(nn.Module):
     """Resblock type "2" (lighter variant): per dilation d, `x += conv_d(act(x))`."""
+
+    num_dilations = 2  # the first two (the config's default entries have three)
 
     def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...], cfg: VocoderConfig):
         super().__init__()
@@ -197,6 +201,11 @@ class BigVGAN(nn.Module):
         self.ups = nn.ModuleList()
         self.resblocks = nn.ModuleList()
         block = AMPBlock1 if cfg.resblock == "1" else AMPBlock2
+        if any(len(dilations) < block.num_dilations for dilations in cfg.resblock_dilation_sizes):
+            raise ConfigError(
+                f"vocoder: resblock {cfg.resblock!r} needs {block.num_dilations} dilations per kernel, "
+                f"got {cfg.resblock_dilation_sizes}"
+            )
         for i, (rate, kernel) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True)):
             c_in, c_out = width >> i, width >> (i + 1)
             # A one-element list per stage: the checkpoint's keys are `ups.{i}.0.*`.
@@ -204,7 +213,7 @@ class BigVGAN(nn.Module):
                 nn.ModuleList([nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2)])
             )
             for k, dilations in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True):
-                self.resblocks.append(block(c_out, k, tuple(dilations), cfg))
+                self.resblocks.append(block(c_out, k, tuple(dilations[: block.num_dilations]), cfg))
         channels = width >> len(cfg.upsample_rates)
         self.activation_post = AntiAliasedSnake(channels, cfg)
         self.conv_post = nn.Conv1d(channels, 1, 7, padding=3)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from ovi_server.config import AudioVAEConfig, VocoderConfig, load_variant
 from ovi_server.engine.device import CPU_FP32
-from ovi_server.errors import WeightsError
+from ovi_server.errors import ConfigError, WeightsError
 from ovi_server.golden import run_mmaudio
-from ovi_server.media.audio_vae import load_audio_decoder, load_audio_vae, random_audio_decoder
-from ovi_server.media.vocoder import load_vocoder
+from ovi_server.media.audio_vae import (
+    MelSpectrogram,
+    load_audio_decoder,
+    load_audio_vae,
+    random_audio_decoder,
+    random_audio_vae,
+    slaney_mel_filters,
+)
+from ovi_server.media.vocoder import load_vocoder, random_vocoder
 from tests.conftest import GOLDEN_DIR, golden_cases
 
 MMAUDIO = GOLDEN_DIR / "mmaudio"
@@ -96,3 +106,56 @@ def test_random_tiny_decoder_gives_a_bounded_waveform():
     assert torch.isfinite(waveform).all() and waveform.abs().max() <= 1.0 and waveform.std() > 0.01
     again = random_audio_decoder(cfg.audio_vae, cfg.vocoder, CPU_FP32, seed=0).decode(latent)
     torch.testing.assert_close(again, waveform, atol=0, rtol=0)
+
+
+def test_downsample_after_the_last_level_has_no_decoder_upsample():
+    """The decoder upsamples after level i only when the encoder downsampled after level i-1, so a
+    downsample after the encoder's last level halves the latent rate without a decoder counterpart."""
+    cfg = AudioVAEConfig(hidden_dim=4, ch_mult=(1, 2), num_res_blocks=1, down_layers=(0, 1))
+    vae = random_audio_vae(cfg, CPU_FP32, seed=0)
+    assert cfg.temporal_upsampling == 2
+    assert vae.decode(torch.randn(1, cfg.embed_dim, 5)).shape == (
+        1,
+        cfg.data_dim,
+        5 * cfg.temporal_upsampling,
+    )
+    mean, _ = vae.encode(torch.randn(1, cfg.data_dim, 16))
+    assert mean.shape == (1, cfg.embed_dim, 4)  # the encoder halves twice
+    decoder = random_audio_decoder(cfg, TINY_VOCODER, CPU_FP32, seed=0)
+    assert decoder.decode(torch.randn(1, cfg.embed_dim, 3)).shape == (1, 3 * decoder.samples_per_latent)
+
+
+@pytest.mark.parametrize(("resblock", "used"), [("1", 3), ("2", 2)])
+def test_resblocks_read_only_the_dilations_their_type_uses(resblock, used):
+    """BigVGAN's type-1 block reads three dilations per kernel and type 2 two: extra entries in the
+    config (its default (1, 3, 5) with type 2) add no convs, and fewer is refused."""
+    short = VocoderConfig(
+        upsample_rates=(4, 4),
+        upsample_kernel_sizes=(8, 8),
+        upsample_initial_channel=8,
+        resblock=resblock,
+        resblock_kernel_sizes=(3, 5),
+        resblock_dilation_sizes=((1, 3, 5)[:used], (2, 1, 3)[:used]),
+    )
+    long = replace(short, resblock_dilation_sizes=((1, 3, 5, 7), (2, 1, 3, 7)))
+    vocoder = random_vocoder(short, CPU_FP32, seed=0)
+    mel = torch.randn(1, 80, 6)
+    torch.testing.assert_close(
+        random_vocoder(long, CPU_FP32, seed=0).vocode(mel), vocoder.vocode(mel), atol=0, rtol=0
+    )
+    convs = "convs1" if resblock == "1" else "convs"
+    assert {key.split(".")[3] for key in vocoder.state_dict() if f".{convs}." in key} == {
+        str(m) for m in range(used)
+    }
+    with pytest.raises(ConfigError, match="dilations"):
+        random_vocoder(replace(short, resblock_dilation_sizes=((1,) * (used - 1),) * 2), CPU_FP32, seed=0)
+
+
+def test_mel_filters_without_fmax_reach_nyquist():
+    """librosa's `fmax=None` means sampling_rate / 2; it must not turn the filters into NaN."""
+    expected = slaney_mel_filters(16000, 512, 40, 0.0, 8000.0)
+    np.testing.assert_array_equal(slaney_mel_filters(16000, 512, 40, 0.0, None), expected)
+    mel = MelSpectrogram(AudioVAEConfig(n_fft=512, hop_size=128, win_size=512, fmax=None))(
+        torch.zeros(1, 1024)
+    )
+    assert torch.isfinite(mel).all()
