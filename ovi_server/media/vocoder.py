@@ -201,10 +201,14 @@ class BigVGAN(nn.Module):
         self.ups = nn.ModuleList()
         self.resblocks = nn.ModuleList()
         block = AMPBlock1 if cfg.resblock == "1" else AMPBlock2
-        if any(len(dilations) < block.num_dilations for dilations in cfg.resblock_dilation_sizes):
+        # BigVGAN pairs kernels with dilation entries and ignores entries beyond the kernels
+        dilation_sizes = cfg.resblock_dilation_sizes[: len(cfg.resblock_kernel_sizes)]
+        if len(dilation_sizes) < len(cfg.resblock_kernel_sizes) or any(
+            len(dilations) < block.num_dilations for dilations in dilation_sizes
+        ):
             raise ConfigError(
-                f"vocoder: resblock {cfg.resblock!r} needs {block.num_dilations} dilations per kernel, "
-                f"got {cfg.resblock_dilation_sizes}"
+                f"vocoder: resblock {cfg.resblock!r} needs {block.num_dilations} dilations for each of the "
+                f"{len(cfg.resblock_kernel_sizes)} kernels, got {cfg.resblock_dilation_sizes}"
             )
         for i, (rate, kernel) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True)):
             c_in, c_out = width >> i, width >> (i + 1)
@@ -212,7 +216,7 @@ class BigVGAN(nn.Module):
             self.ups.append(
                 nn.ModuleList([nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2)])
             )
-            for k, dilations in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True):
+            for k, dilations in zip(cfg.resblock_kernel_sizes, dilation_sizes, strict=True):
                 self.resblocks.append(block(c_out, k, tuple(dilations[: block.num_dilations]), cfg))
         channels = width >> len(cfg.upsample_rates)
         self.activation_post = AntiAliasedSnake(channels, cfg)

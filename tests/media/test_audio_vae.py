@@ -128,7 +128,8 @@ def test_downsample_after_the_last_level_has_no_decoder_upsample():
 @pytest.mark.parametrize(("resblock", "used"), [("1", 3), ("2", 2)])
 def test_resblocks_read_only_the_dilations_their_type_uses(resblock, used):
     """BigVGAN's type-1 block reads three dilations per kernel and type 2 two: extra entries in the
-    config (its default (1, 3, 5) with type 2) add no convs, and fewer is refused."""
+    config (its default (1, 3, 5) with type 2) add no convs, entries beyond the kernels are ignored, and
+    fewer is refused."""
     short = VocoderConfig(
         upsample_rates=(4, 4),
         upsample_kernel_sizes=(8, 8),
@@ -147,8 +148,15 @@ def test_resblocks_read_only_the_dilations_their_type_uses(resblock, used):
     assert {key.split(".")[3] for key in vocoder.state_dict() if f".{convs}." in key} == {
         str(m) for m in range(used)
     }
+    # a dilation entry beyond the kernels is ignored, as BigVGAN's zip of the two lists does
+    extra = replace(short, resblock_dilation_sizes=(*short.resblock_dilation_sizes, (9, 9, 9)))
+    torch.testing.assert_close(random_vocoder(extra, CPU_FP32, seed=0).vocode(mel), vocoder.vocode(mel))
     with pytest.raises(ConfigError, match="dilations"):
         random_vocoder(replace(short, resblock_dilation_sizes=((1,) * (used - 1),) * 2), CPU_FP32, seed=0)
+    with pytest.raises(ConfigError, match="dilations"):  # a kernel without its entry
+        random_vocoder(
+            replace(short, resblock_dilation_sizes=short.resblock_dilation_sizes[:1]), CPU_FP32, seed=0
+        )
 
 
 def test_mel_filters_without_fmax_reach_nyquist():
