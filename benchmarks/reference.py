@@ -144,9 +144,14 @@ _ENGINE_STANDINS = {
     "optimum.quanto": {"freeze": None, "qint8": None, "quantize": None},
     "ovi.utils.model_loading_utils": {
         name: None
-        for name in ("init_fusion_score_model_ovi", "init_text_model", "init_mmaudio_vae", "init_wan_vae_2_2",
-                     "load_fusion_checkpoint")
-    },  # fmt: skip
+        for name in (
+            "init_fusion_score_model_ovi",
+            "init_text_model",
+            "init_mmaudio_vae",
+            "init_wan_vae_2_2",
+            "load_fusion_checkpoint",
+        )
+    },
 }
 
 

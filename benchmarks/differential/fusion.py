@@ -45,7 +45,9 @@ from torch import Tensor
 from benchmarks.differential import ComponentWriter, generator_main, seeded, shapes
 from benchmarks.reference import load_engine, load_reference
 
-NOTES = "float32 on CPU; flash attention replaced by SDPA; hard-coded bf16 casts mapped to float32 (see README)"
+NOTES = (
+    "float32 on CPU; flash attention replaced by SDPA; hard-coded bf16 casts mapped to float32 (see README)"
+)
 FUSION_TOLERANCE = {"atol": 5e-05, "rtol": 0.0001}
 LOOP_TOLERANCE = {"atol": 0.0001, "rtol": 0.0001}
 WEIGHT_FORMAT = "FusionModel state dict, key names of Ovi/model.safetensors (float32 here, bf16 there)"
@@ -67,19 +69,21 @@ def tower_configs(rng: random.Random, loop: bool = False) -> tuple[dict[str, Any
     """Random tiny video and audio configs the reference accepts together: both towers share width,
     heads and depth (its cross-modal projections map one tower's width onto the other's heads)."""
     num_heads = rng.choice((1, 2, 2, 3, 4))
-    head_dim = rng.choice((4, 6, 8, 10, 12, 16, 16, 18, 24))
+    head_dim = rng.choice((2, 4, 6, 8, 10, 12, 16, 16, 18, 24))
     num_layers = rng.randint(1, 4)
     text_dim = rng.choice((8, 16, 32))
 
     def tower(audio: bool) -> dict[str, Any]:
         if audio:
-            in_dim = 20 if loop or rng.random() < 0.7 else rng.randint(3, 24)
+            in_dim = 20 if rng.random() < 0.7 else rng.randint(3, 24)
             out_dim = in_dim if loop or rng.random() < 0.8 else rng.randint(3, 24)
             patch, model_type = [1], "t2a"
         else:
-            in_dim = 48 if loop or rng.random() < 0.7 else rng.randint(3, 48)
+            in_dim = 48 if rng.random() < 0.7 else rng.randint(3, 48)
             out_dim = in_dim if loop or rng.random() < 0.8 else rng.randint(3, 48)
-            patch = [1, 2, 2] if loop or rng.random() < 0.75 else rng.choice(([1, 1, 1], [2, 2, 2], [1, 2, 1]))
+            patch = (
+                [1, 2, 2] if loop or rng.random() < 0.75 else rng.choice(([1, 1, 1], [2, 2, 2], [1, 2, 1]))
+            )
             model_type = "ti2v" if loop or rng.random() < 0.85 else "t2v"
         cfg = {
             "patch_size": patch,
@@ -169,20 +173,22 @@ def fusion_cases(ref: Any, writer: ComponentWriter, rng: random.Random, cases: i
             num_layers = video["num_layers"]
             slg_layer = rng.randint(1, num_layers - 1) if kind == "t2v_slg" and num_layers > 1 else 0
             if kind != "t2v_slg" and rng.random() < 0.2:
-                slg_layer = rng.randint(0, num_layers - 1)
+                slg_layer = rng.randint(0, num_layers + 1)  # past the last block: nothing skipped
             clean = kind == "i2v" or rng.random() < 0.15
             gen = seeded(rng)
             inputs: dict[str, Tensor] = {}
             video_tokens, audio_tokens = [], []
             for b in range(batch):
-                v_shape = video_shape(rng, video)
-                a_len = rng.randint(1, 20)
+                v_shape = video_shape(rng, video, max_tokens=rng.choice((24, 48)))
+                a_len = rng.randint(1, rng.choice((20, 40)))
                 inputs[f"vid_in_{b}"] = torch.randn(v_shape, generator=gen)
                 inputs[f"audio_in_{b}"] = torch.randn(a_len, audio["in_dim"], generator=gen)
                 video_tokens.append(tokens_of(video, v_shape))
                 audio_tokens.append(a_len)
                 v_len = rng.randint(1, video["text_len"])
-                shared = kind == "t2v" and video["text_dim"] == audio["text_dim"] and v_len <= audio["text_len"]
+                shared = (
+                    kind == "t2v" and video["text_dim"] == audio["text_dim"] and v_len <= audio["text_len"]
+                )
                 a_len_text = v_len if shared else rng.randint(1, audio["text_len"])
                 inputs[f"vid_context_{b}"] = torch.randn(v_len, video["text_dim"], generator=gen)
                 inputs[f"audio_context_{b}"] = (
@@ -194,16 +200,16 @@ def fusion_cases(ref: Any, writer: ComponentWriter, rng: random.Random, cases: i
             vid_seq_len = max(video_tokens) + (rng.randint(1, 4) if pad else 0)
             audio_seq_len = max(audio_tokens) + (rng.randint(1, 4) if pad else 0)
             if rng.random() < 0.3:
-                t = torch.tensor([rng.randint(0, 999) for _ in range(batch)], dtype=torch.int64)
+                t = torch.tensor([rng.choice((0, 999, rng.randint(0, 999))) for _ in range(batch)])
             else:
-                t = torch.tensor([round(rng.uniform(0, 1000), 3) for _ in range(batch)], dtype=torch.float32)
+                t = torch.tensor(
+                    [rng.choice((0.0, 1000.0, round(rng.uniform(0, 1000), 3))) for _ in range(batch)]
+                )
             inputs = {"t": t, **inputs}
 
             weights = random_weights(ref.fusion_module, video, audio, rng)
             model = build_model(ref.fusion_module, video, audio, weights)
-            outputs = run_reference_fusion(
-                model, inputs, batch, vid_seq_len, audio_seq_len, clean, slg_layer
-            )
+            outputs = run_reference_fusion(model, inputs, batch, vid_seq_len, audio_seq_len, clean, slg_layer)
             inputs["vid_context_emb"] = outputs.pop("vid_context_emb")
             inputs["audio_context_emb"] = outputs.pop("audio_context_emb")
             config = {
@@ -354,6 +360,27 @@ class _AudioVAE:
         return latent
 
 
+def recording_schedules(Engine: Any, engine: Any, record: dict[str, list[Tensor]]) -> Any:
+    """The engine's own `get_scheduler_time_steps`; the first scheduler it makes is video's, the second
+    audio's (as `generate` asks), and each keeps its `step` outputs and timesteps in `record`."""
+
+    def recording_schedule(**kwargs: Any) -> Any:
+        scheduler, timesteps = Engine.get_scheduler_time_steps(engine, **kwargs)
+        which = "audio" if "timesteps_video" in record else "video"
+        step = scheduler.step
+
+        def recording_step(*args: Any, **kw: Any) -> Any:
+            out = step(*args, **kw)
+            record[f"latent_{which}_after_step"].append(out[0].squeeze(0).clone())
+            return out
+
+        scheduler.step = recording_step
+        record[f"timesteps_{which}"] = [timesteps]
+        return scheduler, timesteps
+
+    return recording_schedule
+
+
 def loop_cases(ref: Any, engine_module: Any, writer: ComponentWriter, rng: random.Random, cases: int) -> None:
     Engine = engine_module.OviFusionEngine
     specs = engine_module.NAME_TO_MODEL_SPECS_MAP
@@ -366,7 +393,7 @@ def loop_cases(ref: Any, engine_module: Any, writer: ComponentWriter, rng: rando
             seed = rng.randrange(2**31)
             video_scale = rng.choice((4.0, 5.0, round(rng.uniform(1.0, 8.0), 2)))
             audio_scale = rng.choice((3.0, 4.0, round(rng.uniform(1.0, 8.0), 2)))
-            slg_layer = rng.randint(0, video["num_layers"] - 1)
+            slg_layer = rng.randint(0, video["num_layers"] - (0 if rng.random() < 0.15 else 1))
             model_name = rng.choice(sorted(specs))
             target_area = rng.choice((1024, 2048, 4096, 6144, 9216))
             video_latent_length = rng.randint(1, 4)
@@ -411,24 +438,7 @@ def loop_cases(ref: Any, engine_module: Any, writer: ComponentWriter, rng: rando
                 target_area=target_area,
                 model_name=model_name,
             )
-            schedulers: list[str] = []
-
-            def recording_schedule(**kwargs: Any) -> Any:
-                scheduler, timesteps = Engine.get_scheduler_time_steps(engine, **kwargs)
-                which = ("video", "audio")[len(schedulers)]
-                schedulers.append(which)
-                step = scheduler.step
-
-                def recording_step(*args: Any, which: str = which, step: Any = step, **kw: Any) -> Any:
-                    out = step(*args, **kw)
-                    record[f"latent_{which}_after_step"].append(out[0].squeeze(0).clone())
-                    return out
-
-                scheduler.step = recording_step
-                record[f"timesteps_{which}"] = [timesteps]
-                return scheduler, timesteps
-
-            engine.get_scheduler_time_steps = recording_schedule
+            engine.get_scheduler_time_steps = recording_schedules(Engine, engine, record)
             result = engine.generate(
                 text_prompt,
                 image_path=None if image is None else Image.fromarray(image.numpy()),
@@ -463,7 +473,11 @@ def loop_cases(ref: Any, engine_module: Any, writer: ComponentWriter, rng: rando
             assert torch.equal(timesteps, record.pop("timesteps_audio")[0])
 
             name = f"loop_{mode}_{solver.replace('++', 'pp')}{steps}_{number}"
-            inputs: dict[str, Tensor] = {**contexts, "video_noise_init": video_noise, "audio_noise_init": audio_noise}
+            inputs: dict[str, Tensor] = {
+                **contexts,
+                "video_noise_init": video_noise,
+                "audio_noise_init": audio_noise,
+            }
             if mode == "i2v":
                 inputs["image_uint8_hwc"] = image
                 inputs["image_latent"] = video_vae.latent
@@ -474,7 +488,9 @@ def loop_cases(ref: Any, engine_module: Any, writer: ComponentWriter, rng: rando
             outputs["timesteps"] = timesteps.double()
             outputs["model_t"] = torch.stack(record["model_t"])
             outputs["final_video_latent"] = torch.from_numpy(np.ascontiguousarray(generated_video))
-            outputs["final_audio_latent"] = torch.from_numpy(np.ascontiguousarray(generated_audio)).T.contiguous()
+            outputs["final_audio_latent"] = torch.from_numpy(
+                np.ascontiguousarray(generated_audio)
+            ).T.contiguous()
             if mode == "i2v":
                 outputs["first_frame"] = video_vae.first_frame
             config = {
@@ -574,8 +590,13 @@ def sampler_cases(engine_module: Any, writer: ComponentWriter, rng: random.Rando
                     "for i, t in enumerate(timesteps): x = scheduler.step(model_outputs[i][None], t, x[None])[0][0]; "
                     "samples[i] = x"
                 ),
-                config={"solver": solver, "steps": steps, "shift": shift, "sample_shape": sample_shape,
-                        "engine_constructor": f"OviFusionEngine.get_scheduler_time_steps(steps, {solver!r}, shift)"},  # fmt: skip
+                config={
+                    "solver": solver,
+                    "steps": steps,
+                    "shift": shift,
+                    "sample_shape": sample_shape,
+                    "engine_constructor": f"OviFusionEngine.get_scheduler_time_steps(steps, {solver!r}, shift)",
+                },  # fmt: skip
                 input_file=writer.tensors(f"{name}.safetensors", {**inputs, **outputs}),
                 inputs=shapes(inputs),
                 outputs=shapes(outputs),
