@@ -19,6 +19,7 @@ disk and what runs (the same two deviations as the golden generators, tests/gold
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -169,6 +170,59 @@ def namespace_packages(root: Path, packages: Sequence[str]) -> None:
         package = types.ModuleType(name)
         package.__path__ = [str(root / name.replace(".", "/"))]
         sys.modules[name] = package
+
+
+# modules the engine file imports at its top that are not dependencies of ours; stand-ins, never called
+# on the paths the differential generators drive (text encoder, VAEs, Flux, quantisation, file I/O)
+_ENGINE_STANDINS = {
+    "cv2": {},
+    "pandas": {},
+    "pydub": {"AudioSegment": None},
+    "omegaconf": {"OmegaConf": types.SimpleNamespace(load=lambda path: {})},
+    "optimum": {},
+    "optimum.quanto": {"freeze": None, "qint8": None, "quantize": None},
+    "ovi.utils.model_loading_utils": {
+        name: None
+        for name in (
+            "init_fusion_score_model_ovi",
+            "init_text_model",
+            "init_mmaudio_vae",
+            "init_wan_vae_2_2",
+            "load_fusion_checkpoint",
+        )
+    },
+}
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def load_engine(reference: Reference) -> types.ModuleType:
+    """Imports the reference's `ovi/ovi_fusion_engine.py` (with `ovi/utils/fm_solvers.py` and
+    `processing_utils.py`) into the process that already ran `load_reference`.
+
+    Third-party modules the file imports only for paths not driven here (cv2, pandas, pydub, omegaconf,
+    optimum.quanto) and the checkpoint loaders are stand-ins when not installed; `OviFusionEngine`
+    is then built with `__new__` and given its model, text encoder and VAEs by the caller
+    (benchmarks/differential/fusion.py), since its `__init__` loads the real checkpoints.
+    """
+    name = "ovi.ovi_fusion_engine"
+    if name in sys.modules:
+        return sys.modules[name]
+    for module_name, attributes in _ENGINE_STANDINS.items():
+        if module_name in sys.modules or (not module_name.startswith("ovi.") and _installed(module_name)):
+            continue
+        module = types.ModuleType(module_name)
+        module.__spec__ = importlib.machinery.ModuleSpec(module_name, None)
+        module.__dict__.update(attributes)
+        sys.modules[module_name] = module
+    _load_source("ovi.utils.fm_solvers", reference.root / "ovi/utils/fm_solvers.py", ())
+    _load_source("ovi.utils.processing_utils", reference.root / "ovi/utils/processing_utils.py", ())
+    return _load_source(name, reference.root / "ovi/ovi_fusion_engine.py", ())
 
 
 def _load_source(name: str, path: Path, substitutions: Sequence[tuple[str, str]]) -> types.ModuleType:
