@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=4, help="cases per kind of call")
     parser.add_argument("--component", nargs="+", choices=sorted(GENERATORS), help="default: all")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--sp", type=int, default=1, help="check fusion and loop sequence parallel on N processes"
+    )
+    parser.add_argument(
+        "--cfg-parallel", action="store_true", help="check loop cases with guidance on two groups"
+    )
     args = parser.parse_args(argv)
     if not (args.reference / "ovi").is_dir():
         print(f"error: {args.reference} is not a character-ai/Ovi checkout (no ovi/ inside)", file=sys.stderr)
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {time.monotonic() - started:.1f} s", flush=True)
     components = [c for name in names for c in GENERATORS[name]]
     check = [sys.executable, "-m", "ovi_server.golden", "check", str(out), "--component", *components]
+    check += ["--sp", str(args.sp)] + (["--cfg-parallel"] if args.cfg_parallel else [])
     print(f"checking: {' '.join(check[1:])}", flush=True)
     rc = subprocess.run(check, env=env).returncode
     if args.out is None and not args.keep and rc == 0:
