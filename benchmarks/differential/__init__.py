@@ -1,7 +1,7 @@
 """Golden cases drawn at random and computed by the reference, then checked through our golden runners.
 
     python -m benchmarks.differential --reference DIR [--out DIR] [--seed S] [--cases N]
-                                      [--component NAME ...] [--keep]
+                                      [--component NAME ...] [--keep] [--sp N] [--cfg-parallel]
 
 The golden vectors in tests/golden cover a handful of seeds, shapes and configs; a held-back set with
 others judges the work. This tool makes more of the same kind on demand: each component's generator
@@ -9,7 +9,12 @@ draws configs, shapes and inputs from `--seed`, runs the reference implementatio
 imported from the user's checkout DIR at run time, never copied or downloaded) on tiny random weights in
 float32 on the CPU, and writes the cases in the golden format (manifest.json + safetensors, key names of
 the official checkpoints). Then `python -m ovi_server.golden check OUT` runs them through the code the
-server uses, and the tool reports per case and exits 1 on any failure.
+server uses, and the tool reports per case and exits 1 on any failure (`--sp`, `--cfg-parallel`: the
+fusion and loop cases run parallel, as `ovi_server.golden check` does with them).
+
+The reference's modules import einops and librosa, which are not dependencies of ours; install them
+beside the reference, not into the server's environment, e.g.
+`pip install --target /opt/ovi-ref-deps einops librosa` and `PYTHONPATH=/opt/ovi-ref-deps`.
 
 A generator module (`benchmarks.differential.<name>`, one per entry of GENERATORS) defines
 `generate(reference: Path, out: Path, rng: random.Random, cases: int) -> None` and ends with
