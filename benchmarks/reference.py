@@ -24,7 +24,7 @@ import importlib.util
 import sys
 import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +201,18 @@ def _installed(name: str) -> bool:
         return False
 
 
+def install_stand_ins(stand_ins: Mapping[str, Mapping[str, Any]]) -> None:
+    """Registers an empty module with the given attributes for each name not already importable (the
+    reference's own `ovi.*` modules always), so a reference file's top-level imports succeed."""
+    for module_name, attributes in stand_ins.items():
+        if module_name in sys.modules or (not module_name.startswith("ovi.") and _installed(module_name)):
+            continue
+        module = types.ModuleType(module_name)
+        module.__spec__ = importlib.machinery.ModuleSpec(module_name, None)
+        module.__dict__.update(attributes)
+        sys.modules[module_name] = module
+
+
 def load_engine(reference: Reference) -> types.ModuleType:
     """Imports the reference's `ovi/ovi_fusion_engine.py` (with `ovi/utils/fm_solvers.py` and
     `processing_utils.py`) into the process that already ran `load_reference`.
@@ -213,13 +225,7 @@ def load_engine(reference: Reference) -> types.ModuleType:
     name = "ovi.ovi_fusion_engine"
     if name in sys.modules:
         return sys.modules[name]
-    for module_name, attributes in _ENGINE_STANDINS.items():
-        if module_name in sys.modules or (not module_name.startswith("ovi.") and _installed(module_name)):
-            continue
-        module = types.ModuleType(module_name)
-        module.__spec__ = importlib.machinery.ModuleSpec(module_name, None)
-        module.__dict__.update(attributes)
-        sys.modules[module_name] = module
+    install_stand_ins(_ENGINE_STANDINS)
     _load_source("ovi.utils.fm_solvers", reference.root / "ovi/utils/fm_solvers.py", ())
     _load_source("ovi.utils.processing_utils", reference.root / "ovi/utils/processing_utils.py", ())
     return _load_source(name, reference.root / "ovi/ovi_fusion_engine.py", ())

@@ -37,7 +37,7 @@ from PIL import Image
 from torch import Tensor
 
 from benchmarks.differential import ComponentWriter, generator_main, seeded, shapes
-from benchmarks.reference import load_module
+from benchmarks.reference import install_stand_ins, load_module
 
 TINY_SPIECE = Path(__file__).resolve().parents[2] / "tests" / "golden" / "t5" / "tiny_spiece.model"
 TOLERANCE = {"atol": 1e-05, "rtol": 1e-05}
@@ -67,14 +67,7 @@ class Reference:
         self.tokenizers = load_module(root, "ovi.modules.tokenizers")
         with mock.patch.object(torch.cuda, "current_device", lambda: "cpu"):
             self.t5 = load_module(root, "ovi.modules.t5")
-        for name in ("cv2", "pandas", "pydub"):
-            if name not in sys.modules:
-                try:
-                    __import__(name)
-                except ImportError:
-                    stub = types.ModuleType(name)
-                    stub.AudioSegment = None  # `from pydub import AudioSegment`
-                    sys.modules[name] = stub
+        install_stand_ins({"cv2": {}, "pandas": {}, "pydub": {"AudioSegment": None}})
         self.processing = load_module(root, "ovi.utils.processing_utils")
         engine = ast.parse((root / "ovi" / "ovi_fusion_engine.py").read_text())
         namespace: dict[str, Any] = {"re": re}
