@@ -268,6 +268,7 @@ class Followers:
         self.world_size = world_size
         self.device_type = device_type  # "cuda": NCCL collectives, which a dead peer can hang
         self.failure: RankFailed | None = None  # set once, when the group is stopped
+        self.cause = ""  # the failed rank's own words, set with `failure`
         self._closing = False
         self._lock = threading.Lock()
         self._idle = threading.Event()  # rank 0 is not inside a job
@@ -335,6 +336,7 @@ class Followers:
             assert leader_error is not None, "stopped with neither a dead follower nor an error"
             rank, error_type = 0, type(leader_error).__name__
             summary = f"{error_type}: {leader_error}"  # its traceback travels with the exception
+        self.cause = summary
         logger.error(
             "parallel rank %d of %d failed: %s; the other ranks were stopped%s",
             rank, self.world_size, summary, f"\n{trace}" if trace else "",
@@ -388,15 +390,20 @@ def _accelerator_count_at_least_one():
         yield
 
 
-def init_group(spec: ParallelSpec, rank: int, store: dist.Store, device_type: str) -> ParallelGroup:
-    """Joins the process group of `spec.world_size` ranks that `store` rendezvouses."""
+def _use_device(spec: ParallelSpec, rank: int, device_type: str) -> tuple[torch.device, str]:
+    """The rank's device and backend, made current for the calling thread (CUDA's current device and
+    the CPU thread count are per thread)."""
     if device_type == "cuda":
         torch.cuda.set_device(rank)
-        device, backend = torch.device("cuda", rank), "cpu:gloo,cuda:nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-        # the ranks share the host's cores: without this each would start one thread per core
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
+        return torch.device("cuda", rank), "cpu:gloo,cuda:nccl"
+    # the ranks share the host's cores: without this each would start one thread per core
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
+    return torch.device("cpu"), "gloo"
+
+
+def init_group(spec: ParallelSpec, rank: int, store: dist.Store, device_type: str) -> ParallelGroup:
+    """Joins the process group of `spec.world_size` ranks that `store` rendezvouses."""
+    device, backend = _use_device(spec, rank, device_type)
     dist.init_process_group(backend, store=store, rank=rank, world_size=spec.world_size, timeout=TIMEOUT)
     host_group = dist.new_group(backend="gloo") if device_type == "cuda" else dist.group.WORLD
     mesh = init_device_mesh(
@@ -442,8 +449,36 @@ def start_followers(
     ]
     for proc in procs:
         proc.start()
-    group = init_group(spec, 0, store, device_type)
-    group.followers = Followers(procs, errors, spec.world_size, device_type)
+    followers = Followers(procs, errors, spec.world_size, device_type)  # watching from now on
+    _use_device(spec, 0, device_type)  # for this thread; the rendezvous below runs on another
+    # Rank 0 joins on a thread of its own while this one watches the followers: one that dies before
+    # joining (a start-up error, a crash in its imports) would otherwise hold rank 0 inside
+    # init_process_group until RENDEZVOUS_TIMEOUT, its report unread.
+    joined: dict[str, Any] = {}
+
+    def join() -> None:
+        try:
+            joined["group"] = init_group(spec, 0, store, device_type)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the thread that started us
+            joined["error"] = exc
+
+    rendezvous = threading.Thread(target=join, name="ovi-rendezvous", daemon=True)
+    rendezvous.start()
+    while rendezvous.is_alive():
+        rendezvous.join(0.1)
+        if followers.failure is not None:  # the watcher saw a follower end and stopped the others
+            failure = followers.failure
+            raise RankFailed(
+                f"parallel start-up failed: rank {failure.rank} of {spec.world_size} ended before the group "
+                f"was up: {followers.cause}. The other ranks were stopped",
+                failure.rank,
+                failure.error_type,
+            )
+    if "error" in joined:
+        followers.fail(joined["error"])
+        raise joined["error"]
+    group = joined["group"]
+    group.followers = followers
     return group
 
 

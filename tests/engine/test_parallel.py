@@ -346,6 +346,38 @@ def test_followers_exit_when_the_leader_is_killed():
     assert all(map(_gone, followers)), f"rank 1 (pid {followers}) outlived rank 0"
 
 
+# rank 1's target is defined in `python -c`'s __main__, which a spawned process cannot import: it dies
+# while unpickling its arguments, before joining the group, and reports nothing
+DIES_BEFORE_JOINING = """
+import sys
+from ovi_server.engine.parallel import ParallelSpec, start_followers
+from ovi_server.errors import RankFailed
+
+def follower(group):
+    pass
+
+try:
+    start_followers(ParallelSpec(sp=2), "cpu", follower)
+except RankFailed as exc:
+    print("RankFailed", exc.rank, exc, flush=True)
+    sys.exit(3)
+print("joined", flush=True)
+"""
+
+
+def test_a_follower_that_dies_before_joining_fails_start_up_with_its_cause():
+    """Rank 0 used to wait in the rendezvous until its 3-minute timeout and then report a store
+    timeout; it now says at once which rank ended, and how."""
+    done = subprocess.run(
+        [sys.executable, "-c", DIES_BEFORE_JOINING], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, (done.stdout, done.stderr[-3000:])
+    assert done.stdout.startswith("RankFailed 1 parallel start-up failed: rank 1 of 2 ended before"), (
+        done.stdout
+    )
+    assert "exit code 1" in done.stdout
+
+
 def _decode(path):
     with av.open(str(path)) as container:
         video = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
