@@ -96,19 +96,24 @@ class AudioVAEConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = 2
     down_layers: tuple[int, ...] = (0,)  # encoder levels followed by a 2x time downsample
+    # Levels whose residual blocks are each followed by an attention block (the middle one is always
+    # there). v1-16 has none: the reference's VAE passes [3] with three levels.
+    attn_layers: tuple[int, ...] = ()
     kernel_size: int = 3
     clip_act: float = 256.0
     mp_sum_t: float = 0.3
     mp_silu_div: float = 0.596
     weight_norm_eps: float = 1e-4  # the eps of the reference's normalize(): weights and pixel norm
     # Mel front-end (encode only; Ovi decodes): STFT without centering after a reflect pad of
-    # (n_fft - hop_size) / 2 samples per side, slaney mel filters, log10.
+    # (n_fft - hop_size) / 2 samples per side, slaney mel filters, then `mel_log` of the clamped mel:
+    # "log10" (the reference's 16k converter) or the natural "log" (its 44k converter).
     sampling_rate: int = 16000
     n_fft: int = 1024
     hop_size: int = 256
     win_size: int = 1024
     fmin: float = 0.0
     fmax: float | None = 8000.0  # None: sampling_rate / 2 (librosa's default)
+    mel_log: Literal["log10", "log"] = "log10"
 
     @property
     def temporal_upsampling(self) -> int:

@@ -88,10 +88,13 @@ def vae_config(config: Mapping[str, Any]) -> AudioVAEConfig:
     """The case's `vae` section (and its `mel` section, if any) as an AudioVAEConfig."""
     vae = dict(config["vae"])
     attn = vae.pop("attn_layers", None)
-    if attn is not None and not (isinstance(attn, str) and attn.startswith("none inside levels")):
-        raise ValueError(f"attention inside VAE levels ({attn!r}) is not implemented (v1-16 has none)")
     upsampling = vae.pop("temporal_upsampling", None)
     fields = _tuples(vae)
+    # A list names the levels with attention; the public manifest describes v1-16's "none" in words.
+    if isinstance(attn, list):
+        fields["attn_layers"] = tuple(attn)
+    elif attn is not None and not (isinstance(attn, str) and attn.startswith("none inside levels")):
+        raise ValueError(f"attn_layers {attn!r}: expected a list of levels or 'none inside levels ...'")
     mel = dict(config.get("mel", {}))
     if mel:
         num_mels = mel.pop("num_mels")
@@ -99,8 +102,11 @@ def vae_config(config: Mapping[str, Any]) -> AudioVAEConfig:
             raise ValueError(f"mel num_mels {num_mels} differs from the VAE's data_dim")
         norm, center = mel.pop("norm", "log10"), mel.pop("center", False)
         pad, basis = mel.pop("reflect_pad_each_side", None), mel.pop("mel_basis", "slaney")
-        if not norm.startswith("log10") or center or "slaney" not in basis:
+        # "log10(clamp(mel, min=1e-5))" (16k) or "log(clamp(mel, min=1e-5))" (44k: natural log)
+        mel_log = norm.split("(")[0]
+        if mel_log not in ("log10", "log") or center or "slaney" not in basis:
             raise ValueError(f"mel front-end {norm!r}, center={center}, {basis!r} not implemented")
+        fields["mel_log"] = mel_log
         if pad is not None and pad != (mel["n_fft"] - mel["hop_size"]) // 2:
             raise ValueError(f"reflect pad {pad} is not (n_fft - hop_size) / 2")
         fields |= _tuples(mel)

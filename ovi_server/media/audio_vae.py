@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovi_server.config import AudioVAEConfig, VocoderConfig
+from ovi_server.errors import ConfigError
 from ovi_server.media.vocoder import BigVGAN, load_vocoder, random_vocoder
 from ovi_server.models.loading import check_keys, load_module, meta_device, read_state_dict
 from ovi_server.placement import Placement
@@ -30,7 +31,8 @@ from ovi_server.placement import Placement
 logger = logging.getLogger(__name__)
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the encoder's posterior log-variance is clamped to this
-MEL_FLOOR = 1e-5  # log10 of the mel energy is taken after clamping to this
+MEL_FLOOR = 1e-5  # the log of the mel energy is taken after clamping to this
+MEL_LOGS = {"log10": torch.log10, "log": torch.log}  # AudioVAEConfig.mel_log -> the function
 STFT_EPS = 1e-9  # inside the magnitude's square root
 
 
@@ -144,22 +146,34 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: residual blocks `block` (each output clamped), then an optional resample.
+    """One resolution level: residual blocks `block`, each followed by its attention block `attn.{j}`
+    on a level listed in `attn_layers` and then clamped, then an optional resample.
 
     The resample module is registered under the checkpoint's name, `downsample` or `upsample`.
     """
 
-    def __init__(self, blocks: list[ResBlock], resample: nn.Module | None, name: str, clip: float):
+    def __init__(
+        self,
+        blocks: list[ResBlock],
+        attn: list[AttnBlock],
+        resample: nn.Module | None,
+        name: str,
+        clip: float,
+    ):
         super().__init__()
         self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attn)  # empty (no keys) on levels without attention
         self.clip = clip
         self.resample_name = name if resample is not None else None
         if resample is not None:
             self.add_module(name, resample)
 
     def forward(self, x: Tensor) -> Tensor:
-        for block in self.block:
-            x = block(x).clamp(-self.clip, self.clip)
+        for j, block in enumerate(self.block):
+            x = block(x)
+            if self.attn:
+                x = self.attn[j](x)
+            x = x.clamp(-self.clip, self.clip)
         if self.resample_name is not None:
             x = self.get_submodule(self.resample_name)(x)
         return x
@@ -189,9 +203,10 @@ class Encoder(nn.Module):
         for level, mult in enumerate(cfg.ch_mult):
             out = cfg.hidden_dim * mult
             blocks = [ResBlock(width if j == 0 else out, out, k, cfg) for j in range(cfg.num_res_blocks)]
+            attn = [AttnBlock(out, cfg) for _ in blocks] if level in cfg.attn_layers else []
             width = out
             resample = Downsample(width) if level in cfg.down_layers else None
-            self.down.append(Level(blocks, resample, "downsample", cfg.clip_act))
+            self.down.append(Level(blocks, attn, resample, "downsample", cfg.clip_act))
         self.mid = Middle(width, k, cfg)
         self.conv_out = MPConv1d(width, 2 * cfg.embed_dim, k)
         self.learnable_gain = nn.Parameter(torch.empty(()))
@@ -224,9 +239,10 @@ class Decoder(nn.Module):
         for level in reversed(range(len(cfg.ch_mult))):
             out = cfg.hidden_dim * cfg.ch_mult[level]
             blocks = [ResBlock(width if j == 0 else out, out, 3, cfg) for j in range(cfg.num_res_blocks + 1)]
+            attn = [AttnBlock(out, cfg) for _ in blocks] if level in cfg.attn_layers else []
             width = out
             resample = Upsample(width) if level - 1 in cfg.down_layers else None
-            levels.insert(0, Level(blocks, resample, "upsample", cfg.clip_act))
+            levels.insert(0, Level(blocks, attn, resample, "upsample", cfg.clip_act))
         self.up = nn.ModuleList(levels)
         self.conv_out = MPConv1d(width, cfg.data_dim, k)
         self.learnable_gain = nn.Parameter(torch.empty(()))
@@ -252,13 +268,13 @@ class AudioVAE(nn.Module):
 
     @torch.inference_mode()
     def decode(self, latent: Tensor) -> Tensor:
-        """latent [B, embed_dim, L] -> log10-mel [B, data_dim, temporal_upsampling*L]."""
+        """latent [B, embed_dim, L] -> log-mel [B, data_dim, temporal_upsampling*L] (log10 for v1-16)."""
         latent = latent.to(device=self.data_mean.device, dtype=self.data_mean.dtype)
         return self.decoder(latent) * self.data_std + self.data_mean
 
     @torch.inference_mode()
     def encode(self, mel: Tensor) -> tuple[Tensor, Tensor]:
-        """log10-mel [B, data_dim, M] -> posterior (mean, logvar), each [B, embed_dim, M // 2**levels]."""
+        """log-mel [B, data_dim, M] -> posterior (mean, logvar), each [B, embed_dim, M // 2**levels]."""
         if self.encoder is None:
             raise RuntimeError("this AudioVAE was loaded without its encoder (decode-only)")
         mel = mel.to(device=self.data_mean.device, dtype=self.data_mean.dtype)
@@ -306,7 +322,9 @@ def slaney_mel_filters(
 
 
 class MelSpectrogram(nn.Module):
-    """Waveform [B, N] in [-1, 1] -> log10-mel [B, data_dim, (N + 2*pad - n_fft)//hop + 1], float32.
+    """Waveform [B, N] in [-1, 1] -> log-mel [B, data_dim, (N + 2*pad - n_fft)//hop + 1], float32.
+
+    The log is `cfg.mel_log`: log10 (16 kHz, Ovi's) or natural (the reference's 44.1 kHz converter).
 
     pad = (n_fft - hop) / 2 reflect padding per side and no centring, so M = N / hop for N a multiple
     of hop (4096 samples -> 16 frames).
@@ -314,7 +332,10 @@ class MelSpectrogram(nn.Module):
 
     def __init__(self, cfg: AudioVAEConfig):
         super().__init__()
+        if cfg.mel_log not in MEL_LOGS:
+            raise ConfigError(f"audio_vae.mel_log {cfg.mel_log!r}: expected one of {sorted(MEL_LOGS)}")
         self.cfg = cfg
+        self.log = MEL_LOGS[cfg.mel_log]
         basis = slaney_mel_filters(cfg.sampling_rate, cfg.n_fft, cfg.data_dim, cfg.fmin, cfg.fmax)
         self.register_buffer("mel_basis", torch.from_numpy(basis), persistent=False)
         self.register_buffer("window", torch.hann_window(cfg.win_size), persistent=False)
@@ -335,7 +356,7 @@ class MelSpectrogram(nn.Module):
             return_complex=True,
         )  # [B, n_fft//2 + 1, M]
         magnitude = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + STFT_EPS)
-        return torch.log10(torch.clamp(self.mel_basis @ magnitude, min=MEL_FLOOR))
+        return self.log(torch.clamp(self.mel_basis @ magnitude, min=MEL_FLOOR))
 
 
 # ---------------------------------------------------------------------------------------------------

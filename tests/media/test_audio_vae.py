@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -167,3 +168,90 @@ def test_mel_filters_without_fmax_reach_nyquist():
         torch.zeros(1, 1024)
     )
     assert torch.isfinite(mel).all()
+
+
+def test_natural_log_mel_is_log10_mel_times_ln10():
+    """The reference's 44k converter takes the natural log of the clamped mel where the 16k one takes
+    log10; everything before the log is the same."""
+    cfg = AudioVAEConfig(
+        data_dim=128, sampling_rate=44100, n_fft=2048, hop_size=512, win_size=2048, fmax=None
+    )
+    waveform = 0.3 * torch.randn(2, 8192, generator=torch.Generator().manual_seed(0))
+    waveform[:, 1000:7000] = 0.0  # silence: the clamp at 1e-5 bites, the same in both bases
+    log10_mel = MelSpectrogram(cfg)(waveform)
+    natural_mel = MelSpectrogram(replace(cfg, mel_log="log"))(waveform)
+    assert log10_mel.shape == (2, 128, 16)
+    assert (log10_mel == -5.0).any()
+    torch.testing.assert_close(natural_mel, log10_mel * math.log(10), atol=1e-5, rtol=1e-6)
+    assert not torch.allclose(natural_mel, log10_mel)
+    with pytest.raises(ConfigError, match="mel_log"):
+        MelSpectrogram(replace(cfg, mel_log="log2"))
+
+
+def test_attention_inside_levels_follows_each_resblock():
+    """A level in `attn_layers` gets one attention block per residual block, under the reference's keys
+    `encoder.down.{i}.attn.{j}` / `decoder.up.{i}.attn.{j}` (the decoder has one more block per level),
+    and they take part in both directions."""
+    plain = AudioVAEConfig(hidden_dim=4, ch_mult=(1, 2), num_res_blocks=2, down_layers=(0,))
+    cfg = replace(plain, attn_layers=(1,))
+    vae = random_audio_vae(cfg, CPU_FP32, seed=0)
+    expected = {
+        f"{side}.{j}.{part}.weight"
+        for side, blocks in (("encoder.down.1.attn", 2), ("decoder.up.1.attn", 3))
+        for j in range(blocks)
+        for part in ("qkv", "proj_out")
+    }
+    assert {k for k in vae.state_dict() if ".attn." in k} == expected
+    assert vae.state_dict()["decoder.up.1.attn.2.qkv.weight"].shape == (3 * 8, 8, 1)
+
+    # the same weights without the level attention give different outputs
+    without = {k: v for k, v in vae.state_dict().items() if ".attn." not in k}
+    plain_vae = random_audio_vae(plain, CPU_FP32, seed=0)
+    plain_vae.load_state_dict(without, strict=True)
+    latent, mel = torch.randn(1, cfg.embed_dim, 6), torch.randn(1, cfg.data_dim, 12)
+    assert not torch.allclose(vae.decode(latent), plain_vae.decode(latent), atol=1e-3)
+    assert not torch.allclose(vae.encode(mel)[0], plain_vae.encode(mel)[0], atol=1e-3)
+
+
+def test_attention_in_a_level_the_model_lacks_changes_nothing():
+    """The reference's VAE asks for attention in level 3 of its three levels: v1-16 has none."""
+    public = load_audio_vae(MMAUDIO / "mmaudio_vae_tiny.safetensors", TINY_VAE, CPU_FP32)
+    level_3 = load_audio_vae(
+        MMAUDIO / "mmaudio_vae_tiny.safetensors", replace(TINY_VAE, attn_layers=(3,)), CPU_FP32
+    )
+    latent = torch.randn(1, TINY_VAE.embed_dim, 5)
+    torch.testing.assert_close(level_3.decode(latent), public.decode(latent), atol=0, rtol=0)
+
+
+def test_attention_weights_load_strictly(tmp_path):
+    cfg = AudioVAEConfig(hidden_dim=4, ch_mult=(1, 2, 1, 2), num_res_blocks=1, attn_layers=(3,))
+    state_dict = {
+        k: torch.randn(v.shape) for k, v in random_audio_vae(cfg, CPU_FP32, seed=0).state_dict().items()
+    }
+    assert (
+        "encoder.down.3.attn.0.qkv.weight" in state_dict
+        and "decoder.up.3.attn.1.proj_out.weight" in state_dict
+    )
+    path = tmp_path / "attn.safetensors"
+    save_file(state_dict, str(path))
+    latent = torch.randn(1, cfg.embed_dim, 3)
+    assert torch.isfinite(load_audio_vae(path, cfg, CPU_FP32).decode(latent)).all()
+    with pytest.raises(WeightsError, match=r"decoder\.up\.3\.attn\."):  # the file has keys v1-16 lacks
+        load_audio_vae(path, replace(cfg, attn_layers=()), CPU_FP32)
+    del state_dict["decoder.up.3.attn.1.proj_out.weight"]
+    save_file(state_dict, str(path))
+    with pytest.raises(WeightsError, match=r"decoder\.up\.3\.attn\.1\.proj_out\.weight"):
+        load_audio_vae(path, cfg, CPU_FP32)
+
+
+def test_case_configs_with_level_attention_and_natural_log_mel():
+    vae = {"data_dim": 128, "hidden_dim": 4, "ch_mult": [1, 2], "down_layers": [0], "attn_layers": [0, 3]}
+    mel = {"sampling_rate": 44100, "n_fft": 2048, "num_mels": 128, "hop_size": 512, "win_size": 2048,
+           "fmin": 0, "fmax": 22050.0, "norm": "log(clamp(mel, min=1e-5))", "center": False}  # fmt: skip
+    cfg = run_mmaudio.vae_config({"vae": vae, "mel": mel})
+    assert cfg.attn_layers == (0, 3) and cfg.mel_log == "log" and cfg.sampling_rate == 44100
+    words = {**vae, "attn_layers": "none inside levels (only the mid attention block)"}
+    cfg = run_mmaudio.vae_config({"vae": words, "mel": {**mel, "norm": "log10(clamp(mel, min=1e-5))"}})
+    assert cfg.attn_layers == () and cfg.mel_log == "log10"
+    with pytest.raises(ValueError, match="log2"):
+        run_mmaudio.vae_config({"vae": vae, "mel": {**mel, "norm": "log2(clamp(mel, min=1e-5))"}})
