@@ -1,20 +1,22 @@
-"""Differential cases for `mmaudio`: MMAudio's 16 kHz audio VAE, its mel front-end and BigVGAN.
+"""Differential cases for `mmaudio`: MMAudio's audio VAE, its mel front-ends and BigVGAN.
 
     python -m benchmarks.differential.mmaudio --reference DIR --out DIR [--seed S] [--cases N]
 
 Per draw, one case of each kind of call in tests/golden/mmaudio, each with its own config:
-* decode: latent -> VAE decoder -> un-normalise -> log10-mel -> BigVGAN -> waveform (Ovi's audio output);
+* decode: latent -> VAE decoder -> un-normalise -> log-mel -> BigVGAN -> waveform (Ovi's audio output);
 * vocoder: log10-mel -> BigVGAN -> waveform;
 * encode: waveform -> mel front-end -> normalise -> VAE encoder -> posterior mean and clamped logvar.
 
 What varies. VAE: hidden_dim, ch_mult (1-4 levels), num_res_blocks, down_layers (any subset of the
 levels, the last one included: the encoder then downsamples once more than the decoder upsamples),
-kernel_size, clip_act (sometimes small enough to bite), embed_dim, data_dim (80 or 128, the two the
-reference has statistics for). Mel front-end: n_fft, hop, window, fmin, fmax. Vocoder: upsample rates
+attn_layers (none, as v1-16; the reference VAE's own [3], which acts only with four levels; or a random
+set of levels), kernel_size, clip_act (sometimes small enough to bite), embed_dim, data_dim (80 or 128,
+the two the reference has statistics for). Mel front-end: n_fft, hop, window, fmin, fmax, and the log:
+log10 at 16 kHz (the reference's '16k' converter) or, with 128 bands, mostly its '44k' converter's
+natural log at 44.1 kHz (fmax sr / 2). Vocoder: upsample rates
 (product 256, 2-6 stages) and kernel sizes, upsample_initial_channel (not always a power of two),
 resblock "1" / "2" with 1-3 odd kernels and their dilations (sometimes more than the block uses:
 three for type "1", two for type "2"), snake / snakebeta, log-scale or not. Lengths and batch (1-2).
-Attention inside VAE levels stays off (Ovi's v1-16 has only the middle one; our loader refuses more).
 
 Weights are random, written under the official key names: the VAE's raw magnitude-preserving conv
 weights (v1-16.pth, normalised at load), BigVGAN's `generator.`-prefixed weight_g / weight_v. The
@@ -55,7 +57,8 @@ _EXT = "ovi.modules.mmaudio.ext"
 MEL_TOLERANCE = {"atol": 2e-5, "rtol": 1e-5}
 WAVEFORM_TOLERANCE = {"atol": 2e-5, "rtol": 1e-4}
 LATENT_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
-ATTN_LAYERS = "none inside levels (only the mid attention block)"
+ATTN_LAYERS = "none inside levels (only the mid attention block)"  # v1-16, as the public cases say it
+MEL_LOGS = {"log10(clamp(mel, min=1e-5))": torch.log10, "log(clamp(mel, min=1e-5))": torch.log}
 VAE_WEIGHT_FORMAT = (
     "state dict with the key names of MMAudio ext_weights/v1-16.pth "
     "(raw magnitude-preserving weights, normalised at load time)"
@@ -84,7 +87,7 @@ class Reference:
             dim=cfg["hidden_dim"],
             ch_mult=tuple(cfg["ch_mult"]),
             num_res_blocks=cfg["num_res_blocks"],
-            attn_layers=[],
+            attn_layers=attn_levels(cfg),
             down_layers=list(cfg["down_layers"]),
             in_dim=cfg["data_dim"],
             embed_dim=cfg["embed_dim"],
@@ -116,7 +119,7 @@ class Reference:
             win_size=cfg["win_size"],
             fmin=cfg["fmin"],
             fmax=cfg["fmax"],
-            norm_fn=torch.log10,
+            norm_fn=MEL_LOGS[cfg["norm"]],
         )
 
 
@@ -126,17 +129,23 @@ class Reference:
 
 def draw_vae(rng: random.Random) -> dict[str, Any]:
     levels = rng.choice([1, 2, 3, 3, 4])
+    attn_layers: str | list[int] = ATTN_LAYERS
+    if rng.random() < 0.25:
+        attn_layers = [3]  # the reference VAE's own setting: attention only in a fourth level
+        levels = 4 if rng.random() < 0.6 else levels
+    elif rng.random() < 0.4:
+        attn_layers = sorted(rng.sample(range(levels), rng.randint(1, levels)))
     ch_mult = [rng.choice([1, 2, 3, 4]) for _ in range(levels)]
     down_layers = [level for level in range(levels) if rng.random() < 0.45]
     if not down_layers and rng.random() < 0.7:
         down_layers = [rng.randrange(levels)]
     return {
-        "data_dim": 80 if rng.random() < 0.8 else 128,
+        "data_dim": 80 if rng.random() < 0.65 else 128,
         "embed_dim": 20 if rng.random() < 0.6 else rng.randint(2, 24),
         "hidden_dim": rng.choice([4, 6, 8, 12, 16]),
         "ch_mult": ch_mult,
         "num_res_blocks": rng.randint(1, 3),
-        "attn_layers": ATTN_LAYERS,
+        "attn_layers": attn_layers,
         "down_layers": down_layers,
         "kernel_size": rng.choice([3, 3, 3, 1, 5]),
         "clip_act": 256.0 if rng.random() < 0.7 else round(rng.uniform(0.5, 3.0), 3),
@@ -146,6 +155,11 @@ def draw_vae(rng: random.Random) -> dict[str, Any]:
         # what the decoder does: one x2 per level whose predecessor the encoder downsamples after
         "temporal_upsampling": 2 ** sum(level - 1 in down_layers for level in range(1, levels)),
     }
+
+
+def attn_levels(vae: dict[str, Any]) -> list[int]:
+    """The levels with attention blocks (`attn_layers` is a list, or the words for v1-16's none)."""
+    return list(vae["attn_layers"]) if isinstance(vae["attn_layers"], list) else []
 
 
 def encoder_downsampling(vae: dict[str, Any]) -> int:
@@ -184,24 +198,33 @@ def draw_vocoder(rng: random.Random, num_mels: int) -> dict[str, Any]:
 
 
 def draw_mel(rng: random.Random, num_mels: int) -> dict[str, Any]:
-    n_fft, hop, win, fmin, fmax = 1024, 256, 1024, 0, 8000
-    if rng.random() < 0.4:
-        n_fft = rng.choice([512, 1024])
-        hop = rng.choice([128, 160, 256])
-        win = rng.choice([n_fft, 3 * n_fft // 4])
-        fmin, fmax = rng.choice([0, 20]), rng.choice([8000, 7000, None])  # None: librosa's sr / 2
+    """The reference's '16k' converter (log10), or with 128 bands mostly its '44k' one (natural log)."""
+    if num_mels == 128 and rng.random() < 0.75:
+        sr, n_fft, hop, win, fmin, fmax, norm = 44100, 2048, 512, 2048, 0, 44100 / 2, "log"
+        if rng.random() < 0.4:
+            n_fft = rng.choice([1024, 2048])
+            hop = rng.choice([256, 441, 512])
+            win = rng.choice([n_fft, 3 * n_fft // 4])
+            fmin, fmax = rng.choice([0, 20]), rng.choice([44100 / 2, 16000, None])
+    else:
+        sr, n_fft, hop, win, fmin, fmax, norm = 16000, 1024, 256, 1024, 0, 8000, "log10"
+        if rng.random() < 0.4:
+            n_fft = rng.choice([512, 1024])
+            hop = rng.choice([128, 160, 256])
+            win = rng.choice([n_fft, 3 * n_fft // 4])
+            fmin, fmax = rng.choice([0, 20]), rng.choice([8000, 7000, None])  # None: librosa's sr / 2
     return {
-        "sampling_rate": 16000,
+        "sampling_rate": sr,
         "n_fft": n_fft,
         "num_mels": num_mels,
         "hop_size": hop,
         "win_size": win,
         "fmin": fmin,
         "fmax": fmax,
-        "norm": "log10(clamp(mel, min=1e-5))",
+        "norm": f"{norm}(clamp(mel, min=1e-5))",
         "center": False,
         "reflect_pad_each_side": (n_fft - hop) // 2,
-        "mel_basis": f"librosa.filters.mel(sr=16000, n_fft={n_fft}, n_mels={num_mels}, fmin={fmin}, "
+        "mel_basis": f"librosa.filters.mel(sr={sr}, n_fft={n_fft}, n_mels={num_mels}, fmin={fmin}, "
         f"fmax={fmax}) (slaney, norm='slaney')",
     }
 
@@ -274,12 +297,12 @@ def log_mel(num_mels: int, batch: int, frames: int, gen: torch.Generator) -> Ten
     return level + 0.9 * torch.randn(batch, num_mels, frames, generator=gen)
 
 
-def waveform(batch: int, length: int, gen: torch.Generator) -> Tensor:
+def waveform(batch: int, length: int, sample_rate: int, gen: torch.Generator) -> Tensor:
     """Noise plus a few tones; sometimes loud enough to be clamped, sometimes with a silent stretch."""
-    t = torch.arange(length) / 16000.0
+    t = torch.arange(length) / float(sample_rate)
     out = 0.2 * torch.randn(batch, length, generator=gen)
     for _ in range(3):
-        freq = 50 + 7000 * torch.rand((), generator=gen)
+        freq = 50 + 0.44 * sample_rate * torch.rand((), generator=gen)
         out += 0.3 * torch.rand((batch, 1), generator=gen) * torch.sin(2 * math.pi * freq * t)
     if torch.rand((), generator=gen) < 0.3:
         out *= 3.0
@@ -307,13 +330,16 @@ def decode_case(writer: ComponentWriter, reference: Reference, rng: random.Rando
     name = f"mmaudio_decode_{index}_T{steps}"
     tensors = {"latent": latent, "mel": mel, "waveform": wave}
     up, hop, d = vae_cfg["temporal_upsampling"], math.prod(voc_cfg["upsample_rates"]), vae_cfg["data_dim"]
+    mel_cfg = draw_mel(rng, d)
+    log, rate = mel_cfg["norm"].split("(")[0], mel_cfg["sampling_rate"]
     writer.case(
         name=name,
         call=(
             f"audio decode: latent [B,{vae_cfg['embed_dim']},T] -> VAE decoder -> un-normalise "
-            f"(x*std{d}+mean{d}) -> mel [B,{d},{up}T] (log10) -> BigVGAN -> waveform [B,1,{up * hop}T] at 16 kHz"
+            f"(x*std{d}+mean{d}) -> mel [B,{d},{up}T] ({log}) -> BigVGAN -> waveform [B,1,{up * hop}T] "
+            f"at {rate} Hz"
         ),
-        config={"vae": vae_cfg, "vocoder": voc_cfg, "mel": draw_mel(rng, d)},
+        config={"vae": vae_cfg, "vocoder": voc_cfg, "mel": mel_cfg},
         weight_files={
             "vae": writer.tensors(f"{name}_vae.safetensors", vae_sd),
             "vocoder": writer.tensors(f"{name}_bigvgan.safetensors", prefixed(voc_sd)),
@@ -361,7 +387,7 @@ def encode_case(writer: ComponentWriter, reference: Reference, rng: random.Rando
     hop, pad = mel_cfg["hop_size"], mel_cfg["reflect_pad_each_side"]
     shortest = max((encoder_downsampling(vae_cfg) - 1) * hop + mel_cfg["n_fft"] - 2 * pad, pad + 1)
     batch, length = rng.choice([1, 1, 2]), rng.randint(shortest, shortest + 6000)
-    wave = waveform(batch, length, gen)
+    wave = waveform(batch, length, mel_cfg["sampling_rate"], gen)
     vae = reference.build_vae(vae_cfg, state_dict)
     with torch.inference_mode():
         mel = reference.mel_converter(mel_cfg)(wave)
