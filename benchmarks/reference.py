@@ -226,9 +226,9 @@ def load_engine(reference: Reference) -> types.ModuleType:
     if name in sys.modules:
         return sys.modules[name]
     install_stand_ins(_ENGINE_STANDINS)
-    _load_source("ovi.utils.fm_solvers", reference.root / "ovi/utils/fm_solvers.py", ())
-    _load_source("ovi.utils.processing_utils", reference.root / "ovi/utils/processing_utils.py", ())
-    return _load_source(name, reference.root / "ovi/ovi_fusion_engine.py", ())
+    load_module(reference.root, "ovi.utils.fm_solvers")
+    load_module(reference.root, "ovi.utils.processing_utils")
+    return load_module(reference.root, name)
 
 
 def _load_source(name: str, path: Path, substitutions: Sequence[tuple[str, str]]) -> types.ModuleType:

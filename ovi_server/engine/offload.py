@@ -42,11 +42,7 @@ class HostWeights:
     def __init__(self, modules: Iterable[nn.Module], pin: bool):
         # (owning module, attribute, is_parameter, the Parameter or buffer): a Parameter two modules
         # share is one object (its `.data` is a new one at every access), so it is mastered once
-        found: list[tuple[nn.Module, str, bool, Tensor]] = []
-        for module in modules:
-            for owner in module.modules():
-                found += [(owner, n, True, p) for n, p in owner.named_parameters(recurse=False)]
-                found += [(owner, n, False, b) for n, b in owner.named_buffers(recurse=False)]
+        found = [entry for module in modules for owner in module.modules() for entry in _owned(owner)]
         offsets: dict[int, int] = {}
         size = 0
         for *_, tensor in found:
@@ -96,6 +92,13 @@ class HostWeights:
         owner, name, is_param, host = self.entries[0]
         current = getattr(owner, name).data if is_param else owner._buffers[name]
         return current.data_ptr() != host.data_ptr()
+
+
+def _owned(owner: nn.Module) -> list[tuple[nn.Module, str, bool, Tensor]]:
+    """(owner, attribute, is_parameter, the Parameter or buffer) for `owner`'s own tensors."""
+    return [(owner, n, True, p) for n, p in owner.named_parameters(recurse=False)] + [
+        (owner, n, False, b) for n, b in owner.named_buffers(recurse=False)
+    ]
 
 
 def _point(owner: nn.Module, name: str, is_param: bool, tensor: Tensor) -> None:
@@ -257,12 +260,9 @@ class LayerStreamer(GroupStreamer):
         super().__init__([[layer] for layer in layers], device, pin)
         streamed = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
         for owner in model.modules():
-            for param in owner.parameters(recurse=False):
-                if id(param) not in streamed:
-                    param.data = param.data.to(device)
-            for name, buf in owner.named_buffers(recurse=False):
-                if id(buf) not in streamed:
-                    owner._buffers[name] = buf.to(device)
+            for _, name, is_param, tensor in _owned(owner):
+                if id(tensor) not in streamed:
+                    _point(owner, name, is_param, tensor.data.to(device))
         logger.info(
             "%s visits %s layer by layer: %d layers, %.2f GiB at most, from %s host memory",
             type(model).__name__,

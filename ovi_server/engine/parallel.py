@@ -185,8 +185,6 @@ class ParallelGroup:
         for good: RankFailed names the rank (see `Followers`)."""
         followers = self.followers
         assert followers is not None, "denoise runs on rank 0 of start_followers"
-        if followers.failure is not None:
-            raise RankFailed(str(followers.failure), followers.failure.rank, followers.failure.error_type)
         told_to_stop: list[BaseException] = []  # what on_step raised: `agree` told every rank to stop
 
         def on_step_agreed(done: int, total: int, x: Latents) -> None:
@@ -277,10 +275,12 @@ class Followers:
 
     @contextmanager
     def busy(self):
+        """Around a job; refuses it (RankFailed) once the group has failed."""
         self._idle.clear()
-        if self.failure is not None:  # failed between the caller's check and now: no job on a dead group
+        if self.failure is not None:  # no job on a dead group
             self._idle.set()
-            raise self.failure
+            # a fresh exception per refusal: one raised again and again would pile up tracebacks
+            raise RankFailed(str(self.failure), self.failure.rank, self.failure.error_type)
         try:
             yield
         finally:
